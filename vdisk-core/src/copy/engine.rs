@@ -1,0 +1,203 @@
+//! Executing a plan: a rayon pool owned by the call reads and decompresses work items in
+//! parallel, straight from each extent's location, and writes them with positional writes, in
+//! any order. The calling thread reports progress and watches for cancellation.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use rayon::iter::{ParallelBridge, ParallelIterator};
+
+use super::plan::{Planner, WorkItem};
+use super::sink::Sink;
+use crate::decompress::ReadScratch;
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::Image;
+
+/// Granule of zero detection in data items: the file-system block size, so that a zero granule
+/// left as a hole frees a whole block.
+const ZERO_GRANULE: usize = 4096;
+
+/// Zero runs inside a data item shorter than this are written as data when the target needs
+/// zeroing (one large write beats a write, a zeroing call and another write).
+const MIN_ZERO_RUN: usize = 64 << 10;
+
+/// Counters shared by the workers and the reporting thread.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) done: AtomicU64,
+    pub(crate) written: AtomicU64,
+    pub(crate) zeroed: AtomicU64,
+}
+
+/// One worker's reusable state.
+struct Worker<'a> {
+    image: &'a Image,
+    sink: &'a Sink,
+    counters: &'a Counters,
+    buf: Vec<u8>,
+    scratch: ReadScratch,
+}
+
+impl Worker<'_> {
+    fn run(&mut self, item: WorkItem) -> Result<()> {
+        match item {
+            WorkItem::Zero { start, len } => {
+                if self.sink.zero_needed() {
+                    self.sink.zero_range(start, len).map_err(|e| Error::io(format!("zeroing the target at {start:#x}"), e))?;
+                    self.counters.zeroed.fetch_add(len, Relaxed);
+                }
+                self.counters.done.fetch_add(len, Relaxed);
+            }
+            WorkItem::Data { start, len, pieces } => {
+                let n = usize::try_from(len).map_err(|_| Error::invalid("work item too large"))?;
+                self.buf.resize(n, 0);
+                for piece in &pieces {
+                    let from = usize::try_from(piece.start - start).unwrap_or(0);
+                    let to = usize::try_from(piece.end() - start).unwrap_or(n);
+                    self.image.read_extent(piece, &mut self.buf[from..to], &mut self.scratch)?;
+                }
+                self.write(start)?;
+                self.counters.done.fetch_add(len, Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the buffer at `start`, leaving out zero granules (holes in a new file, zeroed ranges
+    /// elsewhere).
+    fn write(&mut self, start: u64) -> Result<()> {
+        let buf = &self.buf;
+        let zero_needed = self.sink.zero_needed();
+        let mut pos = 0;
+        while pos < buf.len() {
+            // Find the next run of zero granules long enough to treat apart.
+            let data_start = pos;
+            let mut zero_start = buf.len();
+            let mut zero_end = buf.len();
+            let mut i = pos;
+            while i < buf.len() {
+                let g_end = (i + ZERO_GRANULE).min(buf.len());
+                if is_zero(&buf[i..g_end]) {
+                    let mut j = g_end;
+                    while j < buf.len() {
+                        let k = (j + ZERO_GRANULE).min(buf.len());
+                        if !is_zero(&buf[j..k]) {
+                            break;
+                        }
+                        j = k;
+                    }
+                    if !zero_needed || j - i >= MIN_ZERO_RUN || (i == 0 && j == buf.len()) {
+                        zero_start = i;
+                        zero_end = j;
+                        break;
+                    }
+                    i = j;
+                } else {
+                    i = g_end;
+                }
+            }
+            if data_start < zero_start {
+                let at = start + data_start as u64;
+                self.sink
+                    .write_at(&buf[data_start..zero_start], at)
+                    .map_err(|e| Error::io(format!("writing the target at {at:#x}"), e))?;
+                self.counters.written.fetch_add((zero_start - data_start) as u64, Relaxed);
+            }
+            if zero_start < zero_end && zero_needed {
+                let at = start + zero_start as u64;
+                let len = (zero_end - zero_start) as u64;
+                self.sink.zero_range(at, len).map_err(|e| Error::io(format!("zeroing the target at {at:#x}"), e))?;
+                self.counters.zeroed.fetch_add(len, Relaxed);
+            }
+            pos = zero_end;
+        }
+        Ok(())
+    }
+}
+
+/// True when every byte is zero; OR-folding fixed-size chunks lets the compiler vectorise it.
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    chunks.all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0) && chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// How the calling thread reports.
+pub(crate) struct Reporting<'a> {
+    pub(crate) progress: Option<&'a (dyn Fn(u64, u64) + Sync)>,
+    pub(crate) cancel: Option<&'a AtomicBool>,
+    pub(crate) interval: Duration,
+}
+
+/// Run the whole copy of `image` into `sink` on `threads` threads with items of `item_size`.
+pub(crate) fn execute(
+    image: &Image,
+    sink: &Sink,
+    threads: usize,
+    item_size: u64,
+    counters: &Counters,
+    reporting: &Reporting<'_>,
+) -> Result<()> {
+    let total = image.virtual_size();
+    let stop = AtomicBool::new(false);
+    let cancelled = || stop.load(Relaxed) || reporting.cancel.is_some_and(|c| c.load(Relaxed));
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("vdisk-copy-{i}"))
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Io, format!("cannot start copy threads: {e}")))?;
+    let run = || -> Result<()> {
+        let items = Planner::new(image.extents(), item_size);
+        pool.install(|| {
+            items.par_bridge().try_for_each_init(
+                || Worker { image, sink, counters, buf: Vec::new(), scratch: ReadScratch::default() },
+                |worker, item| {
+                    if cancelled() {
+                        return Err(Error::new(ErrorKind::Cancelled, "the conversion was cancelled"));
+                    }
+                    worker.run(item?)
+                },
+            )
+        })
+    };
+    let result = std::thread::scope(|s| {
+        let handle = s.spawn(run);
+        let mut last = Instant::now();
+        let tick = reporting.interval.min(Duration::from_millis(50)).max(Duration::from_millis(1));
+        while !handle.is_finished() {
+            std::thread::sleep(tick);
+            if reporting.cancel.is_some_and(|c| c.load(Relaxed)) {
+                stop.store(true, Relaxed);
+            }
+            if let Some(progress) = reporting.progress {
+                if last.elapsed() >= reporting.interval {
+                    last = Instant::now();
+                    progress(counters.done.load(Relaxed).min(total), total);
+                }
+            }
+        }
+        handle.join().unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "a copy thread panicked")))
+    });
+    if result.is_err() && reporting.cancel.is_some_and(|c| c.load(Relaxed)) {
+        return Err(Error::new(ErrorKind::Cancelled, "the conversion was cancelled"));
+    }
+    result?;
+    if let Some(progress) = reporting.progress {
+        progress(total, total);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 10001];
+        assert!(is_zero(&v));
+        assert!(is_zero(&v[3..]));
+        v[10000] = 1;
+        assert!(!is_zero(&v));
+        assert!(is_zero(&v[..10000]));
+    }
+}

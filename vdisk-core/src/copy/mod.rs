@@ -1,0 +1,141 @@
+//! Converting an image to a raw file or block device: plan -> execute -> sink.
+
+mod engine;
+mod plan;
+mod sink;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+pub use sink::TargetKind;
+
+use crate::error::{Error, Result};
+use crate::image::Image;
+
+/// Default work item size: large enough that per-item overhead (a pool hand-off, a write call)
+/// is negligible, small enough that threads x items stays a few tens of MiB, and at least the
+/// largest qcow2 cluster (2 MiB) so no compressed cluster is split.
+pub const DEFAULT_ITEM_SIZE: u64 = 4 << 20;
+
+/// Default interval between progress callbacks.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A progress callback: bytes of the virtual disk done, and the total.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+/// How to convert.
+#[derive(Clone)]
+pub struct ConvertOptions<'a> {
+    /// Copy threads; `None` uses every available core.
+    pub threads: Option<usize>,
+    /// The target already reads as zero, so zero ranges need no work (`--target-is-zero`).
+    pub target_is_zero: bool,
+    /// The target must already exist (`-n`).
+    pub must_exist: bool,
+    /// The target must be a block device (`-O host_device`).
+    pub require_device: bool,
+    /// Bytes per work item (rounded to at least 4 KiB).
+    pub item_size: u64,
+    /// Called from the calling thread with (done, total) at most every `progress_interval`, and
+    /// once with done == total at the end of a successful copy.
+    pub progress: Option<Progress<'a>>,
+    /// Interval between progress callbacks.
+    pub progress_interval: Duration,
+    /// Set to true (from any thread) to stop the copy between work items.
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl Default for ConvertOptions<'_> {
+    fn default() -> Self {
+        ConvertOptions {
+            threads: None,
+            target_is_zero: false,
+            must_exist: false,
+            require_device: false,
+            item_size: DEFAULT_ITEM_SIZE,
+            progress: None,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
+            cancel: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ConvertOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConvertOptions")
+            .field("threads", &self.threads)
+            .field("target_is_zero", &self.target_is_zero)
+            .field("must_exist", &self.must_exist)
+            .field("require_device", &self.require_device)
+            .field("item_size", &self.item_size)
+            .field("progress", &self.progress.is_some())
+            .field("cancel", &self.cancel.map(|c| c.load(Relaxed)))
+            .finish()
+    }
+}
+
+/// What a conversion did.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ConvertReport {
+    /// The virtual size copied.
+    pub virtual_size: u64,
+    /// Bytes written as data.
+    pub bytes_written: u64,
+    /// Bytes explicitly zeroed (punched, `BLKZEROOUT`, or written as zeros).
+    pub bytes_zeroed: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Threads used.
+    pub threads: usize,
+    /// The kind of target.
+    pub target: TargetKind,
+}
+
+/// The number of threads `threads: None` means: every core this process may use.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Convert `image` to the raw file or block device at `target`.
+///
+/// A missing target is created sparse with the virtual size; an existing file or device is
+/// never truncated or resized and must be at least the virtual size; zero ranges are zeroed on
+/// existing targets unless `target_is_zero`. The target must not be one of the image's files.
+pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions<'_>) -> Result<ConvertReport> {
+    let target = target.as_ref();
+    let started = Instant::now();
+    let size = image.virtual_size();
+    let sources: Vec<(u64, u64)> = image.file_ids().collect();
+    let sink = sink::open_target(
+        target,
+        size,
+        &sources,
+        sink::TargetRequest {
+            must_exist: options.must_exist,
+            require_device: options.require_device,
+            target_is_zero: options.target_is_zero,
+        },
+    )?;
+    let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);
+    let counters = engine::Counters::default();
+    let reporting = engine::Reporting {
+        progress: options.progress,
+        cancel: options.cancel,
+        interval: options.progress_interval,
+    };
+    engine::execute(image, &sink, threads, options.item_size, &counters, &reporting)?;
+    sink.finish().map_err(|e| Error::io(format!("flushing {}", target.display()), e))?;
+    Ok(ConvertReport {
+        virtual_size: size,
+        bytes_written: counters.written.load(Relaxed),
+        bytes_zeroed: counters.zeroed.load(Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+        threads,
+        target: sink.kind(),
+    })
+}
+
+/// Most copy threads: beyond this, storage, not CPU, is the limit on any machine vdisk targets.
+pub const MAX_THREADS: usize = 256;

@@ -1,0 +1,249 @@
+//! Where a conversion writes: a new file, an existing file, a block device, or nowhere.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// `_IOR(0x12, 114, size_t)`: the size of a block device in bytes.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IO(0x12, 127)`: zero a byte range of a block device (offload where the device can).
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+/// Sector size that `BLKZEROOUT` ranges must be aligned to.
+const SECTOR: u64 = 512;
+/// Largest buffer of zeros written when a target cannot zero a range any other way.
+const ZERO_BUF_BYTES: usize = 1 << 20;
+
+/// What kind of target a conversion wrote to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TargetKind {
+    /// A file vdisk created (sparse).
+    NewFile,
+    /// A regular file that already existed (never truncated).
+    ExistingFile,
+    /// A block device (never resized).
+    BlockDevice,
+    /// `/dev/null`: nothing is kept (benchmarks).
+    Null,
+}
+
+impl TargetKind {
+    /// A short name for reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::NewFile => "new-file",
+            TargetKind::ExistingFile => "existing-file",
+            TargetKind::BlockDevice => "block-device",
+            TargetKind::Null => "null",
+        }
+    }
+}
+
+/// How the caller asked for the target to be treated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TargetRequest {
+    /// `-n`: the target must already exist.
+    pub(crate) must_exist: bool,
+    /// `-O host_device`: the target must be a block device.
+    pub(crate) require_device: bool,
+    /// The target already reads as zero; zero ranges need no work.
+    pub(crate) target_is_zero: bool,
+}
+
+/// An open target.
+#[derive(Debug)]
+pub(crate) struct Sink {
+    file: Option<File>,
+    kind: TargetKind,
+    /// Zero ranges must be written (an existing target not known to be zero).
+    zero_needed: bool,
+    /// Punching holes works on this target (cleared after the first refusal).
+    can_punch: std::sync::atomic::AtomicBool,
+    /// `BLKZEROOUT` works on this device (cleared after the first refusal).
+    can_zeroout: std::sync::atomic::AtomicBool,
+}
+
+/// Open `path` as the target for `size` bytes, refusing it when it is one of `sources`
+/// ((device, inode) pairs), too small, or of the wrong kind.
+pub(crate) fn open_target(
+    path: &Path,
+    size: u64,
+    sources: &[(u64, u64)],
+    req: TargetRequest,
+) -> Result<Sink> {
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io(format!("cannot open target {shown}"), e)),
+    };
+    let Some(meta) = meta else {
+        if req.must_exist {
+            return Err(Error::target(format!("target {shown} does not exist (-n uses an existing target)")));
+        }
+        if req.require_device {
+            return Err(Error::target(format!("target {shown} does not exist; host_device needs a block device")));
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| Error::io(format!("cannot create target {shown}"), e))?;
+        file.set_len(size).map_err(|e| Error::io(format!("cannot set the size of {shown}"), e))?;
+        return Ok(Sink::new(Some(file), TargetKind::NewFile, false));
+    };
+    if sources.contains(&(meta.dev(), meta.ino())) {
+        return Err(Error::target(format!("target {shown} is the source image (or one of its files)")));
+    }
+    let ft = meta.file_type();
+    if ft.is_char_device() && path == Path::new("/dev/null") {
+        return Ok(Sink::new(None, TargetKind::Null, false));
+    }
+    if ft.is_block_device() {
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_EXCL)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EBUSY) => Error::target(format!("target {shown} is in use (mounted or held open exclusively)")),
+                _ => Error::io(format!("cannot open target {shown}"), e),
+            })?;
+        let dev_size = block_device_size(&file).map_err(|e| Error::io(format!("cannot read the size of {shown}"), e))?;
+        if dev_size < size {
+            return Err(Error::target(format!(
+                "target {shown} holds {dev_size} bytes, less than the virtual size {size}; vdisk never resizes a device"
+            )));
+        }
+        return Ok(Sink::new(Some(file), TargetKind::BlockDevice, !req.target_is_zero));
+    }
+    if req.require_device {
+        return Err(Error::target(format!("target {shown} is not a block device (host_device needs one)")));
+    }
+    if !ft.is_file() {
+        return Err(Error::target(format!("target {shown} is neither a regular file nor a block device")));
+    }
+    if meta.len() < size {
+        return Err(Error::target(format!(
+            "target {shown} is {} bytes, smaller than the virtual size {size}; vdisk never resizes an existing target (remove it to create a new one)",
+            meta.len()
+        )));
+    }
+    let file =
+        OpenOptions::new().write(true).open(path).map_err(|e| Error::io(format!("cannot open target {shown}"), e))?;
+    Ok(Sink::new(Some(file), TargetKind::ExistingFile, !req.target_is_zero))
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live local.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+impl Sink {
+    fn new(file: Option<File>, kind: TargetKind, zero_needed: bool) -> Self {
+        Sink {
+            file,
+            kind,
+            zero_needed,
+            can_punch: true.into(),
+            can_zeroout: true.into(),
+        }
+    }
+
+    /// The kind of target.
+    pub(crate) fn kind(&self) -> TargetKind {
+        self.kind
+    }
+
+    /// Whether zero ranges must be written to make them read as zero.
+    pub(crate) fn zero_needed(&self) -> bool {
+        self.zero_needed
+    }
+
+    /// Write `buf` at `offset`.
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.file {
+            Some(f) => f.write_all_at(buf, offset),
+            None => Ok(()),
+        }
+    }
+
+    /// Make `offset..offset + len` read as zero.
+    pub(crate) fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(file) = &self.file else { return Ok(()) };
+        if len == 0 {
+            return Ok(());
+        }
+        match self.kind {
+            TargetKind::ExistingFile | TargetKind::NewFile if self.can_punch.load(Relaxed) => {
+                let (Ok(o), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+                    return Err(io::Error::from(io::ErrorKind::InvalidInput));
+                };
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                // SAFETY: fallocate on an owned descriptor with in-range arguments; no memory is passed.
+                if unsafe { libc::fallocate(file.as_raw_fd(), mode, o, l) } == 0 {
+                    return Ok(());
+                }
+                let err = io::Error::last_os_error();
+                if !matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+                    return Err(err);
+                }
+                self.can_punch.store(false, Relaxed);
+            }
+            TargetKind::BlockDevice if self.can_zeroout.load(Relaxed) => {
+                // The sector-aligned middle goes to BLKZEROOUT; unaligned edges are written.
+                let first = offset.div_ceil(SECTOR) * SECTOR;
+                let last = (offset + len) / SECTOR * SECTOR;
+                if first < last {
+                    let range: [u64; 2] = [first, last - first];
+                    // SAFETY: BLKZEROOUT reads two u64 (start, length) from the pointer, a live local.
+                    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) };
+                    if r == 0 {
+                        write_zeros(file, offset, first - offset)?;
+                        return write_zeros(file, last, offset + len - last);
+                    }
+                    let err = io::Error::last_os_error();
+                    if !matches!(err.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)) {
+                        return Err(err);
+                    }
+                    self.can_zeroout.store(false, Relaxed);
+                }
+            }
+            _ => {}
+        }
+        write_zeros(file, offset, len)
+    }
+
+    /// Flush what was written: devices are synced (the volume is detached next); files are left
+    /// to the page cache, as qemu-img does.
+    pub(crate) fn finish(&self) -> io::Result<()> {
+        match (&self.file, self.kind) {
+            (Some(f), TargetKind::BlockDevice) => f.sync_all(),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; ZERO_BUF_BYTES.min(usize::try_from(len).unwrap_or(ZERO_BUF_BYTES))];
+    while len > 0 {
+        let n = zeros.len().min(usize::try_from(len).unwrap_or(zeros.len()));
+        file.write_all_at(&zeros[..n], offset)?;
+        offset += n as u64;
+        len -= n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The one public error type.
+//!
+//! Every failure is an [`Error`] with a small, matchable [`ErrorKind`] and a one-line message that
+//! says what went wrong and where (structure names and offsets in hex). Format readers keep their
+//! own error enums for the detail and convert into this type at their boundary.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+
+/// The broad cause of an [`Error`]; match on this, read the message for detail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The operating system refused a read, write, open or ioctl.
+    Io,
+    /// The image is corrupt or malformed (the message names the structure and its offset).
+    InvalidImage,
+    /// The image uses a real feature or format that vdisk does not handle (the message names it).
+    Unsupported,
+    /// The image names another file and the reference policy does not allow opening it.
+    ReferenceDenied,
+    /// A configured limit would be exceeded (the message names the limit and how to raise it).
+    LimitExceeded,
+    /// The conversion target cannot be used: too small, not writable, or the source itself.
+    Target,
+    /// The operation was cancelled by the caller.
+    Cancelled,
+}
+
+impl ErrorKind {
+    /// A short lowercase name, stable for scripts and bindings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Io => "io",
+            ErrorKind::InvalidImage => "invalid-image",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::ReferenceDenied => "reference-denied",
+            ErrorKind::LimitExceeded => "limit-exceeded",
+            ErrorKind::Target => "target",
+            ErrorKind::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// An error from vdisk: a kind, a one-line message, and the underlying cause where there is one.
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// `Result` with vdisk's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A new error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error { kind, message: message.into(), source: None }
+    }
+
+    /// An [`ErrorKind::InvalidImage`] error.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidImage, message)
+    }
+
+    /// An [`ErrorKind::Unsupported`] error.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Unsupported, message)
+    }
+
+    /// An [`ErrorKind::LimitExceeded`] error.
+    pub fn limit(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::LimitExceeded, message)
+    }
+
+    /// An [`ErrorKind::Target`] error.
+    pub fn target(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Target, message)
+    }
+
+    /// An [`ErrorKind::Io`] error that keeps `err` as its source and says what was being done.
+    pub fn io(what: impl fmt::Display, err: io::Error) -> Self {
+        Error { kind: ErrorKind::Io, message: format!("{what}: {}", io_text(&err)), source: Some(Box::new(err)) }
+    }
+
+    /// The error's kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The one-line message (the same text `Display` prints).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// For [`ErrorKind::Io`] errors caused by the operating system, its error kind.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        self.source.as_ref()?.downcast_ref::<io::Error>().map(io::Error::kind)
+    }
+
+    /// For errors caused by the operating system, its raw `errno`.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.source.as_ref()?.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error)
+    }
+
+    /// Prefix the message with `context` (typically a file name), as `context: message`.
+    #[must_use]
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// Prefix the message with a path, unless it already starts with it.
+    #[must_use]
+    pub fn in_file(self, path: &Path) -> Self {
+        let shown = path.display().to_string();
+        if self.message.starts_with(&shown) {
+            self
+        } else {
+            self.context(shown)
+        }
+    }
+}
+
+/// The text of an I/O error without Rust's " (os error N)" suffix, as a user would expect it.
+fn io_text(err: &io::Error) -> String {
+    let text = err.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if text.ends_with(')') => text[..i].to_string(),
+        _ => text,
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error").field("kind", &self.kind).field("message", &self.message).finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // One line, whatever the message carries: newlines from foreign text are flattened.
+        if self.message.contains(['\n', '\r']) {
+            f.write_str(&self.message.replace(['\n', '\r'], " "))
+        } else {
+            f.write_str(&self.message)
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e.as_ref() as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        Error { kind: ErrorKind::Io, message: io_text(&err), source: Some(Box::new(err)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_keep_their_kind_and_read_as_one_line() {
+        let e = Error::io("opening x", io::Error::from_raw_os_error(libc::ENOENT)).context("a\nb");
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert_eq!(e.io_kind(), Some(io::ErrorKind::NotFound));
+        assert_eq!(e.to_string(), "a b: opening x: No such file or directory");
+    }
+
+    #[test]
+    fn in_file_does_not_repeat_the_path() {
+        let p = Path::new("/tmp/x.img");
+        let e = Error::invalid("bad").in_file(p).in_file(p);
+        assert_eq!(e.to_string(), "/tmp/x.img: bad");
+    }
+}

@@ -1,0 +1,521 @@
+//! Opening images: detection, the reference gate, chains, and the one [`Image`] type.
+
+use std::fmt;
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::decompress::{self, ReadScratch};
+use crate::error::{Error, Result};
+use crate::extent::{Extent, ExtentKind, FileId, Location, Merger};
+use crate::formats;
+use crate::info::{CheckReport, ImageInfo};
+use crate::io::{FileSource, ReadAt};
+use crate::limits::{Limits, MetadataBudget};
+use crate::policy::{self, ReferencePolicy};
+use crate::probe::{self, Detected, Format};
+
+/// How to open an image.
+///
+/// ```
+/// use vdisk_core::{OpenOptions, ReferencePolicy};
+/// let opts = OpenOptions { references: ReferencePolicy::SameDir, ..OpenOptions::default() };
+/// assert!(opts.format.is_none());
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// The format, or `None` to detect it from the content.
+    pub format: Option<Format>,
+    /// Which files the image may make vdisk open.
+    pub references: ReferencePolicy,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+/// What each format reader provides; the rest of the crate sees images only through this.
+pub(crate) trait ImageFormat: Send + Sync + fmt::Debug {
+    /// Guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Append to `out` extents covering a non-empty prefix of `offset..offset + len`, in order and
+    /// without gaps, starting exactly at `offset`. `len > 0` and the range lies inside the virtual
+    /// size. Layers are relative to this image (0 = itself). A reader returns as much as it can
+    /// cheaply (one table's worth); the caller asks again for the rest.
+    fn map(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()>;
+
+    /// Fill in the format's part of `info` (cluster size, backing file, format-specific, ...).
+    fn describe(&self, info: &mut ImageInfo);
+
+    /// Walk all metadata and record corruptions and leaks in `report`.
+    fn check(&self, report: &mut CheckReport) -> Result<()>;
+}
+
+/// One opened layer of any format (enum dispatch over the format readers).
+#[derive(Debug)]
+pub(crate) enum Layer {
+    Raw(formats::raw::RawImage),
+    Qcow2(formats::qcow2::Qcow2Image),
+    Vmdk(formats::vmdk::VmdkImage),
+    Vhd(formats::vhd::VhdImage),
+    Vhdx(formats::vhdx::VhdxImage),
+}
+
+impl Layer {
+    fn reader(&self) -> &dyn ImageFormat {
+        match self {
+            Layer::Raw(r) => r,
+            Layer::Qcow2(r) => r,
+            Layer::Vmdk(r) => r,
+            Layer::Vhd(r) => r,
+            Layer::Vhdx(r) => r,
+        }
+    }
+
+    pub(crate) fn format(&self) -> Format {
+        match self {
+            Layer::Raw(_) => Format::Raw,
+            Layer::Qcow2(_) => Format::Qcow2,
+            Layer::Vmdk(_) => Format::Vmdk,
+            Layer::Vhd(_) => Format::Vhd,
+            Layer::Vhdx(_) => Format::Vhdx,
+        }
+    }
+
+    pub(crate) fn virtual_size(&self) -> u64 {
+        self.reader().virtual_size()
+    }
+
+    pub(crate) fn describe(&self, info: &mut ImageInfo) {
+        self.reader().describe(info)
+    }
+
+    pub(crate) fn check(&self, report: &mut CheckReport) -> Result<()> {
+        self.reader().check(report)
+    }
+
+    /// [`ImageFormat::map`], with its contract verified so a reader bug becomes an error, never
+    /// a wrong copy.
+    pub(crate) fn map_checked(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+        let first = out.len();
+        let end = offset.checked_add(len).filter(|&e| e <= self.virtual_size()).ok_or_else(|| {
+            Error::invalid(format!("internal error: map of {offset:#x}+{len:#x} past the virtual size"))
+        })?;
+        self.reader().map(offset, len, out)?;
+        let mut pos = offset;
+        for e in &out[first..] {
+            if e.start != pos || e.len == 0 || e.end() > end || e.start.checked_add(e.len).is_none() {
+                return Err(Error::invalid(format!(
+                    "internal error: the {} reader mapped {e:?} while asked for {offset:#x}..{end:#x} at {pos:#x}",
+                    self.format()
+                )));
+            }
+            pos = e.end();
+        }
+        if pos == offset {
+            return Err(Error::invalid(format!(
+                "internal error: the {} reader mapped nothing at {offset:#x}",
+                self.format()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Map `offset..offset + len` of this layer as the backing of an overlay: every extent one
+    /// layer deeper, the whole range covered, and anything past this layer's end unallocated
+    /// (reads of a shorter backing file return zeros).
+    pub(crate) fn map_as_backing(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+        map_backing(Some(self), offset, len, out)
+    }
+}
+
+/// Map `offset..offset + len` of an overlay's backing (`None` when there is none) as the overlay
+/// sees it; see [`Layer::map_as_backing`].
+pub(crate) fn map_backing(backing: Option<&Layer>, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    if let Some(b) = backing {
+        let covered_end = end.min(b.virtual_size());
+        while pos < covered_end {
+            let first = out.len();
+            b.map_checked(pos, covered_end - pos, out)?;
+            for e in &mut out[first..] {
+                e.kind = e.kind.deeper(1);
+            }
+            pos = out.last().map_or(covered_end, Extent::end);
+        }
+    }
+    if pos < end {
+        out.push(Extent::new(pos, end - pos, ExtentKind::Unallocated));
+    }
+    Ok(())
+}
+
+/// One file held open by an image.
+#[derive(Debug)]
+struct OpenFile {
+    src: Arc<dyn ReadAt>,
+    path: Option<PathBuf>,
+    id: Option<(u64, u64)>,
+}
+
+/// State shared while an image and its references are being opened.
+#[derive(Debug)]
+pub(crate) struct OpenContext<'a> {
+    pub(crate) options: &'a OpenOptions,
+    pub(crate) budget: Arc<MetadataBudget>,
+    /// True when only describing: readers record references but do not open them.
+    pub(crate) describe_only: bool,
+    files: Vec<OpenFile>,
+    /// (device, inode) of each image on the path from the top to the one being opened.
+    chain: Vec<(u64, u64)>,
+}
+
+impl<'a> OpenContext<'a> {
+    fn new(options: &'a OpenOptions, describe_only: bool) -> Self {
+        OpenContext {
+            options,
+            budget: Arc::new(MetadataBudget::new(options.limits.max_metadata_bytes)),
+            describe_only,
+            files: Vec::new(),
+            chain: Vec::new(),
+        }
+    }
+
+    /// The limits in force.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.options.limits
+    }
+
+    fn add_file(&mut self, src: Arc<dyn ReadAt>, path: Option<PathBuf>, id: Option<(u64, u64)>) -> FileId {
+        let index = u32::try_from(self.files.len()).unwrap_or(u32::MAX);
+        self.files.push(OpenFile { src, path, id });
+        FileId(index)
+    }
+
+    /// Open `name`, found in the image at `referrer`, as a plain file (a qcow2 data file, a VMDK
+    /// flat extent), under the reference policy.
+    pub(crate) fn open_reference_file(
+        &mut self,
+        referrer: Option<&Path>,
+        name: &str,
+        what: &str,
+    ) -> Result<(FileId, Arc<dyn ReadAt>, PathBuf)> {
+        let path = policy::resolve(self.options.references, referrer, name, what)?;
+        let (src, id) = open_source(&path, what)?;
+        let file = self.add_file(src.clone(), Some(path.clone()), Some(id));
+        Ok((file, src, path))
+    }
+
+    /// Open `name`, found in the image at `referrer`, as an image of `format` (detected when
+    /// `None`): a backing file or parent. Checks the policy, the chain depth and loops.
+    pub(crate) fn open_reference_image(
+        &mut self,
+        referrer: Option<&Path>,
+        name: &str,
+        what: &str,
+        format: Option<Format>,
+    ) -> Result<Layer> {
+        let path = policy::resolve(self.options.references, referrer, name, what)?;
+        let max = self.options.limits.max_chain_depth;
+        if self.chain.len() >= max as usize {
+            return Err(Error::limit(format!(
+                "{what} '{name}' would make the chain deeper than the limit of {max} images (raise max_chain_depth / --max-chain-depth)"
+            )));
+        }
+        let (src, id) = open_source(&path, what)?;
+        if self.chain.contains(&id) {
+            return Err(Error::invalid(format!(
+                "{what} '{name}' ({}) is already in the chain: the references form a loop",
+                path.display()
+            )));
+        }
+        Layer::open(self, src, Some(path.clone()), Some(id), format).map_err(|e| e.in_file(&path))
+    }
+
+    /// The source of an already opened file.
+    pub(crate) fn source(&self, file: FileId) -> &Arc<dyn ReadAt> {
+        &self.files[file.index()].src
+    }
+}
+
+/// Open `path` read-only as a source, refusing what is not a regular file or block device.
+fn open_source(path: &Path, what: &str) -> Result<(Arc<dyn ReadAt>, (u64, u64))> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(format!("cannot open {what} {}", path.display()), e))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(Error::new(crate::ErrorKind::Io, format!("{} is a directory", path.display())));
+    }
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(Error::unsupported(format!(
+            "{} is not a regular file or block device",
+            path.display()
+        )));
+    }
+    let file = File::open(path).map_err(|e| Error::io(format!("cannot open {what} {}", path.display()), e))?;
+    let src = FileSource::new(file).map_err(|e| Error::io(format!("cannot read {what} {}", path.display()), e))?;
+    Ok((Arc::new(src), (meta.dev(), meta.ino())))
+}
+
+impl Layer {
+    /// Open one layer from `src`, detecting the format unless `format` is given.
+    pub(crate) fn open(
+        ctx: &mut OpenContext<'_>,
+        src: Arc<dyn ReadAt>,
+        path: Option<PathBuf>,
+        id: Option<(u64, u64)>,
+        format: Option<Format>,
+    ) -> Result<Layer> {
+        let format = match format {
+            Some(f) => f,
+            None => match probe::detect(src.as_ref())? {
+                Detected::Supported(f) => f,
+                Detected::Known(name) => {
+                    return Err(Error::unsupported(format!("{name} images are not supported by vdisk")));
+                }
+            },
+        };
+        let file = ctx.add_file(src.clone(), path.clone(), id);
+        if let Some(id) = id {
+            ctx.chain.push(id);
+        }
+        let p = path.as_deref();
+        let opened = match format {
+            Format::Raw => formats::raw::RawImage::open(ctx, src, file).map(Layer::Raw),
+            Format::Qcow2 => formats::qcow2::Qcow2Image::open(ctx, src, file, p).map(Layer::Qcow2),
+            Format::Vmdk => formats::vmdk::VmdkImage::open(ctx, src, file, p).map(Layer::Vmdk),
+            Format::Vhd => formats::vhd::VhdImage::open(ctx, src, file, p).map(Layer::Vhd),
+            Format::Vhdx => formats::vhdx::VhdxImage::open(ctx, src, file, p).map(Layer::Vhdx),
+        };
+        if id.is_some() {
+            ctx.chain.pop();
+        }
+        let layer = opened?;
+        ctx.options.limits.check_virtual_size(layer.virtual_size())?;
+        Ok(layer)
+    }
+}
+
+/// An open disk image, with its whole chain, ready to be read from many threads.
+///
+/// ```
+/// # fn main() -> vdisk_core::Result<()> {
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("disk.raw");
+/// std::fs::write(&path, vec![7u8; 4096]).unwrap();
+/// let image = vdisk_core::Image::open(&path, &Default::default())?;
+/// assert_eq!(image.format(), vdisk_core::Format::Raw);
+/// assert_eq!(image.virtual_size(), 4096);
+/// let mut buf = [0u8; 16];
+/// image.read_at(&mut buf, 100)?;
+/// assert_eq!(buf, [7u8; 16]);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Image {
+    top: Layer,
+    files: Vec<OpenFile>,
+    path: Option<PathBuf>,
+    max_unit_bytes: u64,
+}
+
+impl Image {
+    /// Open the image at `path` and everything it references that `options` allows.
+    pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
+        Self::open_inner(path.as_ref(), options, false)
+    }
+
+    /// Describe the image at `path` (as `qemu-img info` does) without opening its references.
+    pub fn describe(path: impl AsRef<Path>, options: &OpenOptions) -> Result<ImageInfo> {
+        let path = path.as_ref();
+        let image = Self::open_inner(path, options, true)?;
+        Ok(image.info())
+    }
+
+    /// Open an image held in memory (or any [`ReadAt`] source); it may reference no other file.
+    pub fn from_source(src: Arc<dyn ReadAt>, options: &OpenOptions) -> Result<Image> {
+        let mut ctx = OpenContext::new(options, false);
+        let top = Layer::open(&mut ctx, src, None, None, options.format)?;
+        Ok(Image { top, files: ctx.files, path: None, max_unit_bytes: options.limits.max_unit_bytes })
+    }
+
+    fn open_inner(path: &Path, options: &OpenOptions, describe_only: bool) -> Result<Image> {
+        let mut ctx = OpenContext::new(options, describe_only);
+        let (src, id) = open_source(path, "image").map_err(|e| e.in_file(path))?;
+        let top = Layer::open(&mut ctx, src, Some(path.to_path_buf()), Some(id), options.format)
+            .map_err(|e| e.in_file(path))?;
+        Ok(Image { top, files: ctx.files, path: Some(path.to_path_buf()), max_unit_bytes: options.limits.max_unit_bytes })
+    }
+
+    /// The detected (or given) format of the top image.
+    pub fn format(&self) -> Format {
+        self.top.format()
+    }
+
+    /// Guest-visible size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.top.virtual_size()
+    }
+
+    /// The path the image was opened from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The paths of every file this image reads (itself, backing files, extents), in open order.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().filter_map(|f| f.path.as_deref())
+    }
+
+    /// (device, inode) of every file this image reads, to refuse writing onto one of them.
+    pub(crate) fn file_ids(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.files.iter().filter_map(|f| f.id)
+    }
+
+    /// What `qemu-img info` reports, with the same keys.
+    pub fn info(&self) -> ImageInfo {
+        let filename = self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        let actual_size = self
+            .path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.blocks().saturating_mul(512));
+        let mut info = ImageInfo::new(filename, self.format(), self.virtual_size(), actual_size);
+        self.top.describe(&mut info);
+        info
+    }
+
+    /// Walk all metadata of the top image and report corruptions and leaks.
+    pub fn check(&self) -> Result<CheckReport> {
+        let mut report = CheckReport::new(
+            self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            self.format(),
+        );
+        self.top.check(&mut report)?;
+        Ok(report)
+    }
+
+    /// The extents of the whole virtual disk.
+    pub fn extents(&self) -> Extents<'_> {
+        Extents::new(self, 0, self.virtual_size())
+    }
+
+    /// The extents covering `start..end` (clamped to the virtual size), clipped to that range.
+    pub fn extents_in(&self, start: u64, end: u64) -> Extents<'_> {
+        let end = end.min(self.virtual_size());
+        Extents::new(self, start.min(end), end)
+    }
+
+    /// Read guest bytes at `offset` into `buf`; returns how many were read, fewer only at the end
+    /// of the virtual disk.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let size = self.virtual_size();
+        if offset >= size {
+            return Ok(0);
+        }
+        let n = usize::try_from((size - offset).min(buf.len() as u64)).unwrap_or(buf.len());
+        let end = offset + n as u64;
+        let mut scratch = ReadScratch::default();
+        for extent in self.extents_in(offset, end) {
+            let extent = extent?;
+            let from = usize::try_from(extent.start - offset).unwrap_or(0);
+            let to = usize::try_from(extent.end() - offset).unwrap_or(n);
+            self.read_extent(&extent, &mut buf[from..to], &mut scratch)?;
+        }
+        Ok(n)
+    }
+
+    /// Fill `buf` with the first `buf.len()` bytes of `extent` (no more than its length), reading
+    /// its location directly: a pread for stored bytes, a decompression for compressed ones,
+    /// zeros otherwise. `scratch` is reused between calls to avoid allocations.
+    pub fn read_extent(&self, extent: &Extent, buf: &mut [u8], scratch: &mut ReadScratch) -> Result<()> {
+        let n = (buf.len() as u64).min(extent.len);
+        let buf = &mut buf[..usize::try_from(n).unwrap_or(0)];
+        match extent.kind {
+            ExtentKind::Data { location, .. } => self.read_location(&location, buf, scratch),
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn read_location(&self, location: &Location, buf: &mut [u8], scratch: &mut ReadScratch) -> Result<()> {
+        let file = self
+            .files
+            .get(location.file().index())
+            .ok_or_else(|| Error::invalid("internal error: extent names an unknown file"))?;
+        match location {
+            Location::File { offset, .. } => {
+                file.src.read_at_zero_fill(buf, *offset).map_err(|e| {
+                    let name = file.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "image".into());
+                    Error::io(format!("reading {name} at {offset:#x}"), e)
+                })?;
+                Ok(())
+            }
+            Location::Compressed(unit) => {
+                decompress::read_unit(file.src.as_ref(), unit, buf, scratch, self.max_unit_bytes)
+            }
+        }
+    }
+
+    pub(crate) fn map_checked(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+        self.top.map_checked(offset, len, out)
+    }
+}
+
+/// Iterator over an image's extents; see [`crate::extent`] for its invariants.
+#[derive(Debug)]
+pub struct Extents<'a> {
+    image: &'a Image,
+    pos: u64,
+    end: u64,
+    queue: std::collections::VecDeque<Extent>,
+    scratch: Vec<Extent>,
+    merger: Merger,
+    done: bool,
+}
+
+impl<'a> Extents<'a> {
+    fn new(image: &'a Image, start: u64, end: u64) -> Self {
+        Extents {
+            image,
+            pos: start,
+            end,
+            queue: Default::default(),
+            scratch: Vec::new(),
+            merger: Merger::default(),
+            done: false,
+        }
+    }
+}
+
+impl Iterator for Extents<'_> {
+    type Item = Result<Extent>;
+
+    fn next(&mut self) -> Option<Result<Extent>> {
+        loop {
+            if let Some(e) = self.queue.pop_front() {
+                if let Some(out) = self.merger.push(e) {
+                    return Some(Ok(out));
+                }
+                continue;
+            }
+            if self.done {
+                return None;
+            }
+            if self.pos >= self.end {
+                self.done = true;
+                return self.merger.finish().map(Ok);
+            }
+            self.scratch.clear();
+            if let Err(e) = self.image.map_checked(self.pos, self.end - self.pos, &mut self.scratch) {
+                self.done = true;
+                self.merger = Merger::default();
+                return Some(Err(e));
+            }
+            self.pos = self.scratch.last().map_or(self.end, Extent::end);
+            self.queue.extend(self.scratch.drain(..));
+        }
+    }
+}
