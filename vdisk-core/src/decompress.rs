@@ -27,7 +27,10 @@ pub struct ReadScratch {
 
 impl std::fmt::Debug for ReadScratch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadScratch").field("stored", &self.stored.capacity()).field("unit", &self.unit.capacity()).finish()
+        f.debug_struct("ReadScratch")
+            .field("stored", &self.stored.capacity())
+            .field("unit", &self.unit.capacity())
+            .finish()
     }
 }
 
@@ -72,7 +75,9 @@ pub(crate) fn read_unit(
         unit_buf
     };
     match unit.method {
-        Compression::Deflate => inflate(deflate.get_or_insert_with(|| Decompress::new(false)), false, stored, out, unit)?,
+        Compression::Deflate => {
+            inflate(deflate.get_or_insert_with(|| Decompress::new(false)), false, stored, out, unit)?
+        }
         Compression::Zlib => inflate(zlib.get_or_insert_with(|| Decompress::new(true)), true, stored, out, unit)?,
         Compression::Zstd => unzstd(zstd.get_or_insert_with(ruzstd::decoding::FrameDecoder::new), stored, out, unit)?,
     }
@@ -85,7 +90,8 @@ pub(crate) fn read_unit(
 
 fn inflate(d: &mut Decompress, zlib_header: bool, input: &[u8], out: &mut [u8], unit: &CompressedUnit) -> Result<()> {
     d.reset(zlib_header);
-    let bad = |why: String| Error::invalid(format!("compressed {} data at {:#x}: {why}", unit.method.as_str(), unit.offset));
+    let bad =
+        |why: String| Error::invalid(format!("compressed {} data at {:#x}: {why}", unit.method.as_str(), unit.offset));
     let status = d.decompress(input, out, FlushDecompress::Finish).map_err(|e| bad(e.to_string()))?;
     let produced = usize::try_from(d.total_out()).unwrap_or(usize::MAX);
     if produced >= out.len() {
@@ -135,12 +141,7 @@ fn zstd_window_ok(header: &[u8], unit_len: u64) -> bool {
     size <= limit
 }
 
-fn unzstd(
-    dec: &mut ruzstd::decoding::FrameDecoder,
-    input: &[u8],
-    out: &mut [u8],
-    unit: &CompressedUnit,
-) -> Result<()> {
+fn unzstd(dec: &mut ruzstd::decoding::FrameDecoder, input: &[u8], out: &mut [u8], unit: &CompressedUnit) -> Result<()> {
     let bad = |why: String| Error::invalid(format!("compressed zstd data at {:#x}: {why}", unit.offset));
     if !zstd_window_ok(input, unit.unit_len) {
         return Err(bad("the frame header is invalid or asks for a window larger than the cluster".into()));

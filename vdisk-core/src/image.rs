@@ -247,10 +247,7 @@ fn open_source(path: &Path, what: &str) -> Result<(Arc<dyn ReadAt>, (u64, u64))>
         return Err(Error::new(crate::ErrorKind::Io, format!("{} is a directory", path.display())));
     }
     if !(ft.is_file() || ft.is_block_device()) {
-        return Err(Error::unsupported(format!(
-            "{} is not a regular file or block device",
-            path.display()
-        )));
+        return Err(Error::unsupported(format!("{} is not a regular file or block device", path.display())));
     }
     let file = File::open(path).map_err(|e| Error::io(format!("cannot open {what} {}", path.display()), e))?;
     let src = FileSource::new(file).map_err(|e| Error::io(format!("cannot read {what} {}", path.display()), e))?;
@@ -344,7 +341,12 @@ impl Image {
         let (src, id) = open_source(path, "image").map_err(|e| e.in_file(path))?;
         let top = Layer::open(&mut ctx, src, Some(path.to_path_buf()), Some(id), options.format)
             .map_err(|e| e.in_file(path))?;
-        Ok(Image { top, files: ctx.files, path: Some(path.to_path_buf()), max_unit_bytes: options.limits.max_unit_bytes })
+        Ok(Image {
+            top,
+            files: ctx.files,
+            path: Some(path.to_path_buf()),
+            max_unit_bytes: options.limits.max_unit_bytes,
+        })
     }
 
     /// The detected (or given) format of the top image.
@@ -375,11 +377,8 @@ impl Image {
     /// What `qemu-img info` reports, with the same keys.
     pub fn info(&self) -> ImageInfo {
         let filename = self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        let actual_size = self
-            .path
-            .as_ref()
-            .and_then(|p| std::fs::metadata(p).ok())
-            .map(|m| m.blocks().saturating_mul(512));
+        let actual_size =
+            self.path.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.blocks().saturating_mul(512));
         let mut info = ImageInfo::new(filename, self.format(), self.virtual_size(), actual_size);
         self.top.describe(&mut info);
         info
@@ -387,10 +386,8 @@ impl Image {
 
     /// Walk all metadata of the top image and report corruptions and leaks.
     pub fn check(&self) -> Result<CheckReport> {
-        let mut report = CheckReport::new(
-            self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-            self.format(),
-        );
+        let mut report =
+            CheckReport::new(self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), self.format());
         self.top.check(&mut report)?;
         Ok(report)
     }

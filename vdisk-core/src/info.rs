@@ -31,7 +31,14 @@ pub struct SnapshotInfo {
 
 impl SnapshotInfo {
     /// A snapshot entry.
-    pub fn new(id: String, name: String, vm_state_size: u64, date_sec: u64, date_nsec: u64, vm_clock_nsec_total: u64) -> Self {
+    pub fn new(
+        id: String,
+        name: String,
+        vm_state_size: u64,
+        date_sec: u64,
+        date_nsec: u64,
+        vm_clock_nsec_total: u64,
+    ) -> Self {
         SnapshotInfo {
             icount: None,
             vm_clock_nsec: vm_clock_nsec_total % 1_000_000_000,

@@ -128,7 +128,10 @@ pub fn resolve(policy: ReferencePolicy, referrer: Option<&Path>, name: &str, wha
         )));
     }
     if SYSTEM_DIRS.iter().any(|d| resolved.starts_with(d)) {
-        return Err(denied(format!("{what} '{name}' resolves to {}, a system path; vdisk never opens it", resolved.display())));
+        return Err(denied(format!(
+            "{what} '{name}' resolves to {}, a system path; vdisk never opens it",
+            resolved.display()
+        )));
     }
     let meta = std::fs::metadata(&resolved)
         .map_err(|e| Error::io(format!("cannot open {what} '{name}' ({})", resolved.display()), e))?;

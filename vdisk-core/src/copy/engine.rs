@@ -43,7 +43,9 @@ impl Worker<'_> {
         match item {
             WorkItem::Zero { start, len } => {
                 if self.sink.zero_needed() {
-                    self.sink.zero_range(start, len).map_err(|e| Error::io(format!("zeroing the target at {start:#x}"), e))?;
+                    self.sink
+                        .zero_range(start, len)
+                        .map_err(|e| Error::io(format!("zeroing the target at {start:#x}"), e))?;
                     self.counters.zeroed.fetch_add(len, Relaxed);
                 }
                 self.counters.done.fetch_add(len, Relaxed);

@@ -120,11 +120,8 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
     )?;
     let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);
     let counters = engine::Counters::default();
-    let reporting = engine::Reporting {
-        progress: options.progress,
-        cancel: options.cancel,
-        interval: options.progress_interval,
-    };
+    let reporting =
+        engine::Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
     engine::execute(image, &sink, threads, options.item_size, &counters, &reporting)?;
     sink.finish().map_err(|e| Error::io(format!("flushing {}", target.display()), e))?;
     Ok(ConvertReport {

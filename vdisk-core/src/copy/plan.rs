@@ -163,7 +163,11 @@ mod tests {
     }
 
     fn data(start: u64, len: u64) -> Extent {
-        Extent::new(start, len, ExtentKind::Data { layer: 0, location: Location::File { file: FileId(0), offset: start } })
+        Extent::new(
+            start,
+            len,
+            ExtentKind::Data { layer: 0, location: Location::File { file: FileId(0), offset: start } },
+        )
     }
 
     fn zero(start: u64, len: u64) -> Extent {
@@ -180,7 +184,11 @@ mod tests {
         assert_eq!(
             items,
             vec![
-                WorkItem::Data { start: 0, len: 16384, pieces: vec![data(0, 10000), zero(10000, 4096), data(14096, 2288)] },
+                WorkItem::Data {
+                    start: 0,
+                    len: 16384,
+                    pieces: vec![data(0, 10000), zero(10000, 4096), data(14096, 2288)]
+                },
                 WorkItem::Data { start: 16384, len: 16384, pieces: vec![data(16384, 16384)] },
                 WorkItem::Data { start: 32768, len: 1328, pieces: vec![data(32768, 1328)] },
                 WorkItem::Zero { start: 34096, len: MAX_ZERO_ITEM },

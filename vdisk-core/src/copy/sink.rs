@@ -69,12 +69,7 @@ pub(crate) struct Sink {
 
 /// Open `path` as the target for `size` bytes, refusing it when it is one of `sources`
 /// ((device, inode) pairs), too small, or of the wrong kind.
-pub(crate) fn open_target(
-    path: &Path,
-    size: u64,
-    sources: &[(u64, u64)],
-    req: TargetRequest,
-) -> Result<Sink> {
+pub(crate) fn open_target(path: &Path, size: u64, sources: &[(u64, u64)], req: TargetRequest) -> Result<Sink> {
     let shown = path.display();
     let meta = match std::fs::metadata(path) {
         Ok(m) => Some(m),
@@ -105,15 +100,16 @@ pub(crate) fn open_target(
         return Ok(Sink::new(None, TargetKind::Null, false));
     }
     if ft.is_block_device() {
-        let file = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_EXCL)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::EBUSY) => Error::target(format!("target {shown} is in use (mounted or held open exclusively)")),
+        let file = OpenOptions::new().write(true).custom_flags(libc::O_EXCL).open(path).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::EBUSY) => {
+                    Error::target(format!("target {shown} is in use (mounted or held open exclusively)"))
+                }
                 _ => Error::io(format!("cannot open target {shown}"), e),
-            })?;
-        let dev_size = block_device_size(&file).map_err(|e| Error::io(format!("cannot read the size of {shown}"), e))?;
+            }
+        })?;
+        let dev_size =
+            block_device_size(&file).map_err(|e| Error::io(format!("cannot read the size of {shown}"), e))?;
         if dev_size < size {
             return Err(Error::target(format!(
                 "target {shown} holds {dev_size} bytes, less than the virtual size {size}; vdisk never resizes a device"
@@ -150,13 +146,7 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 
 impl Sink {
     fn new(file: Option<File>, kind: TargetKind, zero_needed: bool) -> Self {
-        Sink {
-            file,
-            kind,
-            zero_needed,
-            can_punch: true.into(),
-            can_zeroout: true.into(),
-        }
+        Sink { file, kind, zero_needed, can_punch: true.into(), can_zeroout: true.into() }
     }
 
     /// The kind of target.

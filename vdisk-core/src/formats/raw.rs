@@ -35,7 +35,11 @@ impl ImageFormat for RawImage {
     fn map(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
         let end = offset + len;
         let data = |start: u64, len: u64| {
-            Extent::new(start, len, ExtentKind::Data { layer: 0, location: Location::File { file: self.file, offset: start } })
+            Extent::new(
+                start,
+                len,
+                ExtentKind::Data { layer: 0, location: Location::File { file: self.file, offset: start } },
+            )
         };
         match self.src.next_data(offset) {
             None => out.push(data(offset, len.min(MAX_RAW_EXTENT))),
