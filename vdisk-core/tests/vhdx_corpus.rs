@@ -3,6 +3,9 @@
 //! `error` image (the differencing disk without its parent), `info` against qemu-img's JSON,
 //! and maps that are sparse where the BAT is.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -90,7 +93,7 @@ fn sha256_sparse(path: &Path) -> (String, u64) {
         let e = e.unwrap();
         let mut pos = e.start;
         while pos < e.end() {
-            let n = (e.end() - pos).min(buf.len() as u64) as usize;
+            let n = usize::try_from((e.end() - pos).min(buf.len() as u64)).unwrap();
             if e.kind.is_data() {
                 assert_eq!(raw.read_at(&mut buf[..n], pos).unwrap(), n);
                 h.update(&buf[..n]);
@@ -150,7 +153,7 @@ fn corpus_vhdx_rows() {
                 assert_eq!(sha, row.sha256, "{}: content", row.name);
                 let info = Image::describe(&path, &open).unwrap();
                 assert_eq!(info.format, "vhdx");
-                if let Some(q) = qemu_info(&files, &row.name) {
+                if let Some(q) = qemu_info(files, &row.name) {
                     assert_eq!(Some(info.virtual_size), q["virtual-size"].as_u64(), "{}: info virtual-size", row.name);
                     assert_eq!(info.cluster_size, q["cluster-size"].as_u64(), "{}: info cluster-size", row.name);
                     assert_eq!(Some(info.dirty_flag), q["dirty-flag"].as_bool(), "{}: info dirty-flag", row.name);

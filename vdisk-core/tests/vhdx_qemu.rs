@@ -5,6 +5,9 @@
 //! from end to end); instead vdisk's map must be sparse where the BAT is: data only in blocks
 //! that qemu-io wrote.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::Path;
@@ -116,11 +119,46 @@ fn qemu_dynamic_block_sizes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let variants = [
-        Variant { name: "dyn-1m", options: "subformat=dynamic,block_size=1M", size: 48 * MIB + 512 * 3, block_size: MIB, ops: 40, seed: 1 },
-        Variant { name: "dyn-2m-bsz-off", options: "subformat=dynamic,block_size=2M,block_state_zero=off", size: 64 * MIB, block_size: 2 * MIB, ops: 40, seed: 2 },
-        Variant { name: "dyn-8m-log4m", options: "subformat=dynamic,block_size=8M,log_size=4M", size: 100 * MIB, block_size: 8 * MIB, ops: 30, seed: 3 },
-        Variant { name: "dyn-32m", options: "subformat=dynamic,block_size=32M,block_state_zero=on", size: 200 * MIB, block_size: 32 * MIB, ops: 20, seed: 4 },
-        Variant { name: "dyn-256m", options: "subformat=dynamic,block_size=256M", size: 600 * MIB, block_size: 256 * MIB, ops: 8, seed: 5 },
+        Variant {
+            name: "dyn-1m",
+            options: "subformat=dynamic,block_size=1M",
+            size: 48 * MIB + 512 * 3,
+            block_size: MIB,
+            ops: 40,
+            seed: 1,
+        },
+        Variant {
+            name: "dyn-2m-bsz-off",
+            options: "subformat=dynamic,block_size=2M,block_state_zero=off",
+            size: 64 * MIB,
+            block_size: 2 * MIB,
+            ops: 40,
+            seed: 2,
+        },
+        Variant {
+            name: "dyn-8m-log4m",
+            options: "subformat=dynamic,block_size=8M,log_size=4M",
+            size: 100 * MIB,
+            block_size: 8 * MIB,
+            ops: 30,
+            seed: 3,
+        },
+        Variant {
+            name: "dyn-32m",
+            options: "subformat=dynamic,block_size=32M,block_state_zero=on",
+            size: 200 * MIB,
+            block_size: 32 * MIB,
+            ops: 20,
+            seed: 4,
+        },
+        Variant {
+            name: "dyn-256m",
+            options: "subformat=dynamic,block_size=256M",
+            size: 600 * MIB,
+            block_size: 256 * MIB,
+            ops: 8,
+            seed: 5,
+        },
     ];
     for v in &variants {
         run_variant(dir.path(), v);
@@ -134,9 +172,30 @@ fn qemu_fixed() {
     }
     let dir = tempfile::tempdir().unwrap();
     let variants = [
-        Variant { name: "fixed-zero-on", options: "subformat=fixed,block_size=1M,block_state_zero=on", size: 24 * MIB, block_size: MIB, ops: 30, seed: 11 },
-        Variant { name: "fixed-zero-off", options: "subformat=fixed,block_size=4M,block_state_zero=off", size: 20 * MIB, block_size: 4 * MIB, ops: 30, seed: 12 },
-        Variant { name: "fixed-log2m", options: "subformat=fixed,log_size=2M", size: 16 * MIB, block_size: 8 * MIB, ops: 20, seed: 13 },
+        Variant {
+            name: "fixed-zero-on",
+            options: "subformat=fixed,block_size=1M,block_state_zero=on",
+            size: 24 * MIB,
+            block_size: MIB,
+            ops: 30,
+            seed: 11,
+        },
+        Variant {
+            name: "fixed-zero-off",
+            options: "subformat=fixed,block_size=4M,block_state_zero=off",
+            size: 20 * MIB,
+            block_size: 4 * MIB,
+            ops: 30,
+            seed: 12,
+        },
+        Variant {
+            name: "fixed-log2m",
+            options: "subformat=fixed,log_size=2M",
+            size: 16 * MIB,
+            block_size: 8 * MIB,
+            ops: 20,
+            seed: 13,
+        },
     ];
     for v in &variants {
         run_variant(dir.path(), v);

@@ -123,7 +123,9 @@ impl Bat {
         while done < bytes {
             let n = (bytes - done).min(BAT_READ_CHUNK);
             let buf = io::read_vec(src, region.offset + done, n, "VHDX BAT")?;
-            entries.extend(buf.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])));
+            entries.extend(
+                buf.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+            );
             done += n;
         }
         let bat = Bat {
@@ -196,11 +198,15 @@ impl Bat {
                     SB_BLOCK_NOT_PRESENT => {}
                     SB_BLOCK_PRESENT => {
                         let offset = raw >> OFFSET_SHIFT << OFFSET_SHIFT;
-                        if offset == 0 || !matches!(offset.checked_add(SECTOR_BITMAP_BLOCK_SIZE), Some(e) if e <= file_size) {
+                        if offset == 0
+                            || !matches!(offset.checked_add(SECTOR_BITMAP_BLOCK_SIZE), Some(e) if e <= file_size)
+                        {
                             return Err(corrupt(
                                 format!("BAT entry {index} (sector bitmap {chunk})"),
                                 at,
-                                format!("the sector bitmap at {offset:#x} lies outside the file ({file_size:#x} bytes)"),
+                                format!(
+                                    "the sector bitmap at {offset:#x} lies outside the file ({file_size:#x} bytes)"
+                                ),
                             ));
                         }
                     }

@@ -78,6 +78,7 @@ pub(crate) fn crc32c_with_zeroed_field(data: &[u8], field: usize) -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

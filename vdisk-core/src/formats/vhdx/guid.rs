@@ -72,6 +72,7 @@ impl fmt::Debug for Guid {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -83,7 +84,13 @@ mod tests {
         assert_eq!(g.to_string(), "2dc27766-f623-4200-9d64-115e9bfd4a08");
         assert_eq!(Guid::parse("{2DC27766-F623-4200-9D64-115E9BFD4A08}"), Some(g));
         assert_eq!(Guid::parse("2dc27766-f623-4200-9d64-115e9bfd4a08"), Some(g));
-        for bad in ["", "{}", "2dc27766-f623-4200-9d64-115e9bfd4a0", "2dc27766-f623-4200-9d64-115e9bfd4a0g", "+dc27766-f623-4200-9d64-115e9bfd4a08"] {
+        for bad in [
+            "",
+            "{}",
+            "2dc27766-f623-4200-9d64-115e9bfd4a0",
+            "2dc27766-f623-4200-9d64-115e9bfd4a0g",
+            "+dc27766-f623-4200-9d64-115e9bfd4a08",
+        ] {
             assert_eq!(Guid::parse(bad), None, "{bad}");
         }
         assert!(Guid([0; 16]).is_zero() && !g.is_zero());

@@ -170,7 +170,10 @@ fn read_one(src: &dyn ReadAt, offset: u64, copy: u8) -> std::result::Result<Head
         )));
     }
     if raw.version.get() != HEADER_VERSION {
-        return Err(Problem::Version(format!("header version {} (only {HEADER_VERSION} is defined)", raw.version.get())));
+        return Err(Problem::Version(format!(
+            "header version {} (only {HEADER_VERSION} is defined)",
+            raw.version.get()
+        )));
     }
     if raw.log_version.get() != LOG_VERSION {
         return Err(Problem::Version(format!("log version {} (only {LOG_VERSION} is defined)", raw.log_version.get())));

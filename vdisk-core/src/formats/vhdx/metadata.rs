@@ -179,7 +179,8 @@ pub(crate) fn read(src: &dyn ReadAt, region: Region, budget: &MetadataBudget) ->
         .map_err(|_| corrupt("metadata table", base, "the entries do not fit in the table"))?;
 
     let mut items: [Option<Vec<u8>>; 6] = Default::default();
-    let known = [FILE_PARAMETERS, VIRTUAL_DISK_SIZE, PAGE_83_DATA, LOGICAL_SECTOR_SIZE, PHYSICAL_SECTOR_SIZE, PARENT_LOCATOR];
+    let known =
+        [FILE_PARAMETERS, VIRTUAL_DISK_SIZE, PAGE_83_DATA, LOGICAL_SECTOR_SIZE, PHYSICAL_SECTOR_SIZE, PARENT_LOCATOR];
     for (i, e) in entries.iter().enumerate() {
         let at = base + 32 + 32 * i as u64;
         let what = format!("metadata entry {i}");

@@ -124,18 +124,7 @@ impl VhdxImage {
                 parent = Some(Box::new(layer));
             }
         }
-        Ok(VhdxImage {
-            src,
-            file,
-            headers,
-            regions,
-            md,
-            bat,
-            replay,
-            parent,
-            parent_name,
-            budget: ctx.budget.clone(),
-        })
+        Ok(VhdxImage { src, file, headers, regions, md, bat, replay, parent, parent_name, budget: ctx.budget.clone() })
     }
 
     /// Map the sectors of PARTIALLY_PRESENT block `block` (stored at `stored`) from `pos` to
@@ -167,7 +156,10 @@ impl VhdxImage {
                 em.push(Extent::new(
                     at,
                     run_end - at,
-                    ExtentKind::Data { layer: 0, location: Location::File { file: self.file, offset: stored + (at - bstart) } },
+                    ExtentKind::Data {
+                        layer: 0,
+                        location: Location::File { file: self.file, offset: stored + (at - bstart) },
+                    },
                 ))?;
             } else {
                 em.parent(at, run_end - at)?;
@@ -264,9 +256,14 @@ impl ImageFormat for VhdxImage {
                 BlockState::FullyPresent(stored) => em.push(Extent::new(
                     pos,
                     n,
-                    ExtentKind::Data { layer: 0, location: Location::File { file: self.file, offset: stored + (pos - bstart) } },
+                    ExtentKind::Data {
+                        layer: 0,
+                        location: Location::File { file: self.file, offset: stored + (pos - bstart) },
+                    },
                 ))?,
-                BlockState::Zero | BlockState::Unmapped => em.push(Extent::new(pos, n, ExtentKind::Zero { layer: 0 }))?,
+                BlockState::Zero | BlockState::Unmapped => {
+                    em.push(Extent::new(pos, n, ExtentKind::Zero { layer: 0 }))?
+                }
                 BlockState::NotPresent | BlockState::Undefined => {
                     if self.md.has_parent {
                         em.parent(pos, n)?;
@@ -373,7 +370,9 @@ impl VhdxImage {
             } else {
                 let block = index - index / (bat.chunk_ratio + 1);
                 match bat::decode(raw) {
-                    Some(BlockState::FullyPresent(o) | BlockState::PartiallyPresent(o)) => Some((o, bat.block_len(block))),
+                    Some(BlockState::FullyPresent(o) | BlockState::PartiallyPresent(o)) => {
+                        Some((o, bat.block_len(block)))
+                    }
                     _ => None,
                 }
             };

@@ -181,6 +181,7 @@ impl ReadAt for ReplayedFile {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::io::MemSource;
@@ -198,7 +199,7 @@ mod tests {
         assert_eq!(f.size(), 120);
         let mut buf = vec![9u8; 130];
         assert_eq!(f.read_at(&mut buf, 0).unwrap(), 120);
-        let mut want = vec![1u8; 120];
+        let mut want = [1u8; 120];
         want[10..20].fill(2);
         want[20..60].fill(0);
         want[25..35].fill(3);

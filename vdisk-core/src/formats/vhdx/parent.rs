@@ -68,11 +68,7 @@ pub(crate) fn candidates(loc: &ParentLocator) -> Vec<(&'static str, String)> {
 
 /// The name `describe` reports as the backing file: the relative path where there is one.
 pub(crate) fn display_name(loc: &ParentLocator) -> Option<String> {
-    candidates(loc)
-        .into_iter()
-        .next()
-        .map(|(_, n)| n)
-        .or_else(|| loc.get("volume_path").map(str::to_string))
+    candidates(loc).into_iter().next().map(|(_, n)| n).or_else(|| loc.get("volume_path").map(str::to_string))
 }
 
 /// Open the parent: each candidate name in turn, under the policy, keeping the first whose

@@ -109,16 +109,17 @@ pub(crate) fn read(src: &dyn ReadAt, log: Region) -> Result<Regions> {
         }
     }
     let mut lines: Vec<String> = problems.iter().map(|(_, e)| e.to_string()).collect();
-    let table = match tables.first() {
-        Some(t) => t.clone(),
-        None => {
-            // Both copies bad: report the first copy's problem as the error (an unknown required
-            // region is Unsupported rather than corrupt).
-            return Err(problems.into_iter().next().map(|(_, e)| e).unwrap_or_else(|| {
-                corrupt("region table", REGION_TABLE_OFFSETS[0], "neither copy could be read")
-            }));
-        }
-    };
+    let table =
+        match tables.first() {
+            Some(t) => t.clone(),
+            None => {
+                // Both copies bad: report the first copy's problem as the error (an unknown required
+                // region is Unsupported rather than corrupt).
+                return Err(problems.into_iter().next().map(|(_, e)| e).unwrap_or_else(|| {
+                    corrupt("region table", REGION_TABLE_OFFSETS[0], "neither copy could be read")
+                }));
+            }
+        };
     if let [a, b] = tables.as_slice() {
         if (a.bat, a.metadata) != (b.bat, b.metadata) {
             lines.push(format!(
@@ -133,8 +134,8 @@ pub(crate) fn read(src: &dyn ReadAt, log: Region) -> Result<Regions> {
 fn read_one(src: &dyn ReadAt, offset: u64, copy: u8, log: Region) -> Result<RegionTable> {
     let what = format!("region table {copy}");
     let buf = io::read_vec(src, offset, REGION_TABLE_SIZE as u64, "VHDX region table")?;
-    let (header, rest) = RawRegionHeader::ref_from_prefix(&buf[..])
-        .map_err(|_| corrupt(what.clone(), offset, "cannot be parsed"))?;
+    let (header, rest) =
+        RawRegionHeader::ref_from_prefix(&buf[..]).map_err(|_| corrupt(what.clone(), offset, "cannot be parsed"))?;
     if &header.signature != REGION_SIGNATURE {
         return Err(corrupt(what, offset, "the signature is not 'regi'"));
     }
