@@ -151,6 +151,10 @@ fn corpus_vhdx_rows() {
                 std::fs::remove_file(&raw).unwrap();
                 assert_eq!(len.to_string(), row.virtual_size, "{}: output size", row.name);
                 assert_eq!(sha, row.sha256, "{}: content", row.name);
+                // check: real files are consistent, except for the log that had to be replayed.
+                let report = img.check().unwrap();
+                let dirty = usize::from(img.info().dirty_flag);
+                assert_eq!(report.problems.len(), dirty, "{}: {:?}", row.name, report.problems);
                 let info = Image::describe(&path, &open).unwrap();
                 assert_eq!(info.format, "vhdx");
                 if let Some(q) = qemu_info(files, &row.name) {

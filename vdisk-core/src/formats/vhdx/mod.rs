@@ -68,16 +68,16 @@ pub(crate) struct VhdxImage {
     src: Arc<dyn ReadAt>,
     /// Its id in the image's file table.
     file: FileId,
-    /// The header section.
-    headers: HeaderSection,
+    /// The header section (boxed, like the other parsed structures, to keep `Layer` small).
+    headers: Box<HeaderSection>,
     /// The region table.
-    regions: Regions,
+    regions: Box<Regions>,
     /// The metadata items.
-    md: Metadata,
+    md: Box<Metadata>,
     /// The BAT.
     bat: Bat,
     /// The log replayed at open, if any.
-    replay: Option<ReplaySummary>,
+    replay: Option<Box<ReplaySummary>>,
     /// The parent, for a differencing disk opened with its references.
     parent: Option<Box<Layer>>,
     /// The parent's name as the locator gives it.
@@ -101,7 +101,7 @@ impl VhdxImage {
             Some((overlay, summary)) => {
                 let view: Arc<dyn ReadAt> = Arc::new(overlay.finish(src));
                 ctx.replace_source(file, view.clone())?;
-                (view, Some(summary))
+                (view, Some(Box::new(summary)))
             }
             None => (src, None),
         };
@@ -124,7 +124,18 @@ impl VhdxImage {
                 parent = Some(Box::new(layer));
             }
         }
-        Ok(VhdxImage { src, file, headers, regions, md, bat, replay, parent, parent_name, budget: ctx.budget.clone() })
+        Ok(VhdxImage {
+            src,
+            file,
+            headers: Box::new(headers),
+            regions: Box::new(regions),
+            md: Box::new(md),
+            bat,
+            replay,
+            parent,
+            parent_name,
+            budget: ctx.budget.clone(),
+        })
     }
 
     /// Map the sectors of PARTIALLY_PRESENT block `block` (stored at `stored`) from `pos` to
