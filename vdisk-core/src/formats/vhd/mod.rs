@@ -385,7 +385,7 @@ fn open_sparse(
         let locators = parent::read_locators(ctx, src, &header.locators)?;
         let candidates = parent::candidates(&locators, &header.parent_name);
         if ctx.describe_only {
-            let parent_ref = candidates.first().map(|(_, n)| n.clone());
+            let parent_ref = candidates.first().map(|c| c.name.clone());
             Some(Differencing { locators, parent: None, parent_ref })
         } else {
             let (layer, name) = parent::open_parent(ctx, path, &candidates, header.parent_uuid, &locators)?;

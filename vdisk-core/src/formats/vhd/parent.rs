@@ -176,23 +176,34 @@ fn mac_url_path(text: &str) -> std::result::Result<String, String> {
     String::from_utf8(bytes).map_err(|_| format!("'{text}' is not UTF-8 once decoded"))
 }
 
+/// A name to look for the parent by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Candidate {
+    /// Where the name came from, for messages (`W2ru locator`, `parent name`).
+    pub(super) label: String,
+    pub(super) name: String,
+    /// True for the last resort (the parent's file name from the header), whose failure is
+    /// reported only when no locator gave a name.
+    pub(super) fallback: bool,
+}
+
 /// The names to try, in order: each usable locator by platform priority, then the parent's
 /// file name from the header (in the child's directory) as a last resort, without duplicates.
-/// Each is `(label, name)`; the unique id check makes the last resort safe.
-pub(super) fn candidates(locators: &[Locator], parent_name: &str) -> Vec<(String, String)> {
+/// The unique id check makes the last resort safe.
+pub(super) fn candidates(locators: &[Locator], parent_name: &str) -> Vec<Candidate> {
     let mut usable: Vec<&Locator> = locators.iter().filter(|l| l.name.is_some()).collect();
     usable.sort_by_key(|l| (priority(l.entry.platform).unwrap_or(u8::MAX), l.entry.index));
-    let mut out: Vec<(String, String)> = Vec::new();
+    let mut out: Vec<Candidate> = Vec::new();
     for l in usable {
         if let Some(name) = &l.name {
-            if !out.iter().any(|(_, n)| n == name) {
-                out.push((format!("{} locator", l.platform()), name.clone()));
+            if !out.iter().any(|c| &c.name == name) {
+                out.push(Candidate { label: format!("{} locator", l.platform()), name: name.clone(), fallback: false });
             }
         }
     }
     let base = parent_name.rsplit(['\\', '/']).next().unwrap_or_default();
-    if !base.is_empty() && base != "." && base != ".." && !out.iter().any(|(_, n)| n == base) {
-        out.push(("parent name".into(), base.to_string()));
+    if !base.is_empty() && base != "." && base != ".." && !out.iter().any(|c| c.name == base) {
+        out.push(Candidate { label: "parent name".into(), name: base.to_string(), fallback: true });
     }
     out
 }
@@ -211,7 +222,7 @@ fn unique_id(layer: &Layer) -> Option<[u8; 16]> {
 pub(super) fn open_parent(
     ctx: &mut OpenContext<'_>,
     referrer: Option<&Path>,
-    candidates: &[(String, String)],
+    candidates: &[Candidate],
     expected: [u8; 16],
     locators: &[Locator],
 ) -> Result<(Layer, String)> {
@@ -223,28 +234,31 @@ pub(super) fn open_parent(
         let list = if list.is_empty() { "none".to_string() } else { list.join("; ") };
         return Err(VhdError::NoParent(list).into());
     }
-    let mut errors: Vec<Error> = Vec::new();
-    for (label, name) in candidates {
-        match ctx.open_reference_image(referrer, name, WHAT, Some(Format::Vhd)) {
+    let mut errors: Vec<(Error, bool)> = Vec::new();
+    for c in candidates {
+        match ctx.open_reference_image(referrer, &c.name, WHAT, Some(Format::Vhd)) {
             Ok(layer) => {
                 let found = unique_id(&layer);
                 if expected == [0; 16] || found == Some(expected) {
-                    return Ok((layer, name.clone()));
+                    return Ok((layer, c.name.clone()));
                 }
                 let found = found.map_or_else(|| "none".to_string(), |id| uuid_string(&id));
                 let e: Error =
-                    VhdError::ParentMismatch { name: name.clone(), found, expected: uuid_string(&expected) }.into();
-                errors.push(e.context(label));
+                    VhdError::ParentMismatch { name: c.name.clone(), found, expected: uuid_string(&expected) }.into();
+                errors.push((e.context(&c.label), c.fallback));
             }
-            Err(e) => errors.push(e.context(label)),
+            Err(e) => errors.push((e.context(&c.label), c.fallback)),
         }
     }
-    let tried: Vec<String> = candidates.iter().map(|(label, name)| format!("{label} '{name}'")).collect();
-    let all_denied = errors.iter().all(|e| e.kind() == ErrorKind::ReferenceDenied);
-    let pick = if all_denied { 0 } else { errors.iter().position(|e| e.kind() != ErrorKind::ReferenceDenied).unwrap_or(0) };
+    let tried: Vec<String> = candidates.iter().map(|c| format!("{} '{}'", c.label, c.name)).collect();
+    // The error to report: a locator's over the last resort's, and one the policy did not
+    // cause over a refusal (a refusal says which option would allow the name).
+    let rank = |(e, fallback): &(Error, bool)| (*fallback, e.kind() == ErrorKind::ReferenceDenied);
+    let pick = (0..errors.len()).min_by_key(|&i| rank(&errors[i])).unwrap_or(0);
     let others: Vec<String> =
-        errors.iter().enumerate().filter(|(i, _)| *i != pick).map(|(_, e)| e.to_string()).collect();
-    let mut chosen = errors.into_iter().nth(pick).unwrap_or_else(|| Error::invalid("no VHD parent candidate"));
+        errors.iter().enumerate().filter(|(i, _)| *i != pick).map(|(_, (e, _))| e.to_string()).collect();
+    let mut chosen =
+        errors.into_iter().nth(pick).map(|(e, _)| e).unwrap_or_else(|| Error::invalid("no VHD parent candidate"));
     if !others.is_empty() {
         chosen = Error::new(chosen.kind(), format!("{chosen}; also: {}", others.join("; ")));
     }
@@ -288,10 +302,10 @@ mod tests {
         };
         let locs = vec![loc(0, b"W2ku", "/a/p.vhd"), loc(1, b"MacX", "/m/p.vhd"), loc(2, b"W2ru", "p.vhd")];
         let c = candidates(&locs, "C:\\dir\\p.vhd");
-        let names: Vec<&str> = c.iter().map(|(_, n)| n.as_str()).collect();
+        let names: Vec<&str> = c.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["p.vhd", "/a/p.vhd", "/m/p.vhd"]);
         let c = candidates(&[], "C:\\dir\\q.vhd");
-        assert_eq!(c, [("parent name".to_string(), "q.vhd".to_string())]);
+        assert_eq!(c, [Candidate { label: "parent name".into(), name: "q.vhd".into(), fallback: true }]);
         assert!(candidates(&[], "").is_empty());
     }
 }
