@@ -7,6 +7,8 @@
 //! Rows whose virtual size is over [`HASH_LIMIT`] are compared with `qemu-img compare` (fast: it
 //! skips zero ranges) unless `VDISK_CORPUS_FULL=1` asks for the full sha256.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -59,7 +61,8 @@ fn corpus() -> Option<Corpus> {
         }
         None => folder.clone(),
     };
-    let qinfo_tar = [folder.join("qemu-info.tar.xz"), default.join("qemu-info.tar.xz")].into_iter().find(|p| p.is_file());
+    let qinfo_tar =
+        [folder.join("qemu-info.tar.xz"), default.join("qemu-info.tar.xz")].into_iter().find(|p| p.is_file());
     let qinfo = qinfo_tar.and_then(|t| {
         let dir = tmp.path().join("qinfo");
         std::fs::create_dir(&dir).ok()?;
@@ -158,7 +161,12 @@ fn every_vhd_corpus_row() {
                 };
                 assert_eq!(img.format(), Format::Vhd, "{}: detected by content", row.name);
                 if Some(img.virtual_size()) != row.virtual_size {
-                    failures.push(format!("{}: virtual size {} != {:?}", row.name, img.virtual_size(), row.virtual_size));
+                    failures.push(format!(
+                        "{}: virtual size {} != {:?}",
+                        row.name,
+                        img.virtual_size(),
+                        row.virtual_size
+                    ));
                     continue;
                 }
                 let info = img.info();

@@ -6,6 +6,8 @@
 //!
 //! `write_fixtures` (ignored; run by `testdata/vhd/make.sh`) writes the committed fixtures.
 
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: small known values
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -20,7 +22,8 @@ const SECTOR: usize = 512;
 
 /// One's complement of the byte sum of `bytes` outside `skip`.
 fn checksum(bytes: &[u8], skip: std::ops::Range<usize>) -> u32 {
-    let sum = bytes.iter().enumerate().filter(|(i, _)| !skip.contains(i)).fold(0u32, |a, (_, &b)| a.wrapping_add(b.into()));
+    let sum =
+        bytes.iter().enumerate().filter(|(i, _)| !skip.contains(i)).fold(0u32, |a, (_, &b)| a.wrapping_add(b.into()));
     !sum
 }
 
@@ -62,7 +65,14 @@ fn utf16be(s: &str) -> Vec<u8> {
 }
 
 /// A 512-byte footer.
-fn footer(disk_type: u32, data_offset: u64, creator: &[u8; 4], size: u64, geometry: (u16, u8, u8), uuid: [u8; 16]) -> Vec<u8> {
+fn footer(
+    disk_type: u32,
+    data_offset: u64,
+    creator: &[u8; 4],
+    size: u64,
+    geometry: (u16, u8, u8),
+    uuid: [u8; 16],
+) -> Vec<u8> {
     let mut b = vec![0u8; 512];
     b[0..8].copy_from_slice(b"conectix");
     b[8..12].copy_from_slice(&2u32.to_be_bytes());
@@ -429,10 +439,7 @@ fn differencing_relative_locator_with_partial_bitmaps() {
     write(dir.path(), "parent.vhd", &parent);
     let cspec = with_locators(
         cspec,
-        vec![
-            (*b"W2ku", utf16le("C:\\Hyper-V\\Disks\\parent.vhd")),
-            (*b"W2ru", utf16le(".\\parent.vhd")),
-        ],
+        vec![(*b"W2ku", utf16le("C:\\Hyper-V\\Disks\\parent.vhd")), (*b"W2ru", utf16le(".\\parent.vhd"))],
     );
     let child = write(dir.path(), "child.vhd", &build_sparse(&cspec, &cmodel));
     assert_content(&child, ReferencePolicy::SameDir, &expected);
@@ -522,8 +529,11 @@ fn differencing_chain_of_three_over_a_fixed_base() {
     write(dir.path(), "base.vhd", &build_fixed(&bspec, &base));
     let mid_model = Model::random(size, 6001, 25);
     let mut mid = Spec::new(size as u64, 0x66);
-    mid.parent =
-        Some(ParentRef { uuid: bspec.uuid, name: "base.vhd".into(), locators: vec![(*b"W2ru", utf16le(".\\base.vhd"))] });
+    mid.parent = Some(ParentRef {
+        uuid: bspec.uuid,
+        name: "base.vhd".into(),
+        locators: vec![(*b"W2ru", utf16le(".\\base.vhd"))],
+    });
     mid.absent_fill = 0xAB;
     write(dir.path(), "mid.vhd", &build_sparse(&mid, &mid_model));
     let top_model = Model::random(size, 6002, 25);

@@ -3,6 +3,8 @@
 //! writes, zero writes and discards, read by vdisk and compared byte for byte with
 //! `qemu-img convert`, and `info`/`map` compared with qemu-img's.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -62,15 +64,19 @@ fn dynamic_disks_match_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(u64, bool); 4] =
-        [(10_000_000, false), (10_000_000, true), ((1 << 30) + (7 << 20), false), ((300 << 20) + (7 << 20) + 512, true)];
+    let cases: [(u64, bool); 4] = [
+        (10_000_000, false),
+        (10_000_000, true),
+        ((1 << 30) + (7 << 20), false),
+        ((300 << 20) + (7 << 20) + 512, true),
+    ];
     for (i, (size, force)) in cases.into_iter().enumerate() {
         let path = create(dir.path(), &format!("d{i}.vhd"), "dynamic", force, size);
         let vsize = qemu_info(&path, Some("vpc"))["virtual-size"].as_u64().unwrap();
         if force {
             assert_eq!(vsize, size.div_ceil(512) * 512, "force_size keeps the size");
         } else {
-            assert!(vsize >= size && vsize != size, "CHS rounding of {size} gave {vsize}");
+            assert!(vsize > size, "CHS rounding of {size} gave {vsize}");
         }
         random_fill(&path, vsize, 0x5648_4400 + i as u64, 40);
         assert_matches_qemu(&path, "vpc", ReferencePolicy::Deny, true);
@@ -138,7 +144,7 @@ fn qemu_converted_images_match() {
 }
 
 fn random_fill_raw(path: &Path, size: u64) {
-    let mut rng = Rng::new(0x7261_77);
+    let mut rng = Rng::new(0x0072_6177);
     let cmds = random_io_commands(&mut rng, size, 64 << 10, 30, false);
     qemu_io("raw", path, &cmds);
 }

@@ -112,8 +112,7 @@ impl DynamicHeader {
     /// Parse the header read at `at`.
     pub(super) fn parse(bytes: &[u8], at: u64) -> Result<DynamicHeader, VhdError> {
         let corrupt = |problem: String| VhdError::Corrupt { structure: "dynamic disk header", at, problem };
-        let raw =
-            RawHeader::ref_from_bytes(bytes).map_err(|_| corrupt(format!("expected {HEADER_SIZE} bytes")))?;
+        let raw = RawHeader::ref_from_bytes(bytes).map_err(|_| corrupt(format!("expected {HEADER_SIZE} bytes")))?;
         if raw.cookie != HEADER_MAGIC {
             return Err(corrupt(format!("no 'cxsparse' cookie (found {:02x?})", raw.cookie)));
         }
@@ -178,6 +177,7 @@ pub(super) fn decode_bat(bytes: &[u8]) -> Vec<u32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

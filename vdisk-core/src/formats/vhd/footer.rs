@@ -217,7 +217,11 @@ impl Footer {
 /// Four bytes of a footer text field as shown to users: NULs dropped, other non-printable bytes
 /// as `?`.
 pub(super) fn four_cc(bytes: [u8; 4]) -> String {
-    bytes.iter().filter(|&&b| b != 0).map(|&b| if b.is_ascii_graphic() || b == b' ' { char::from(b) } else { '?' }).collect()
+    bytes
+        .iter()
+        .filter(|&&b| b != 0)
+        .map(|&b| if b.is_ascii_graphic() || b == b' ' { char::from(b) } else { '?' })
+        .collect()
 }
 
 /// A 16-byte id as a lowercase hyphenated UUID, bytes in stored order.
@@ -227,6 +231,7 @@ pub(super) fn uuid_string(id: &[u8; 16]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

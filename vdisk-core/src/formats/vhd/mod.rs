@@ -81,19 +81,24 @@ pub(crate) struct VhdImage {
     src: Arc<dyn ReadAt>,
     file: FileId,
     file_len: u64,
-    /// The footer in use.
-    footer: Footer,
-    /// Where it was read from (the end, or 0 for the copy of a dynamic disk).
+    /// Where the footer in use was read from (the end, or 0 for the copy of a dynamic disk).
     footer_at: u64,
     disk_type: DiskType,
-    /// What was found at the end of the file.
-    end_footer: std::result::Result<Footer, FooterProblem>,
-    /// What was found at offset 0 (`None` when the file is only a footer).
-    head_footer: Option<std::result::Result<Footer, FooterProblem>>,
     size: u64,
     size_rule: SizeRule,
+    footers: Box<Footers>,
     /// The dynamic header and BAT of dynamic and differencing disks.
-    sparse: Option<Sparse>,
+    sparse: Option<Box<Sparse>>,
+}
+
+/// The footer in use and what was found at each place a footer lives.
+#[derive(Debug)]
+struct Footers {
+    used: Footer,
+    /// What was found at the end of the file.
+    end: std::result::Result<Footer, FooterProblem>,
+    /// What was found at offset 0 (`None` when the file is only a footer).
+    head: Option<std::result::Result<Footer, FooterProblem>>,
 }
 
 /// The parts of a dynamic or differencing disk.
@@ -149,27 +154,25 @@ impl VhdImage {
         let sparse = match disk_type {
             DiskType::Fixed => None,
             DiskType::Dynamic | DiskType::Differencing => {
-                Some(open_sparse(ctx, src.as_ref(), path, &footer, disk_type, size)?)
+                Some(Box::new(open_sparse(ctx, src.as_ref(), path, &footer, disk_type, size)?))
             }
         };
         Ok(VhdImage {
             src,
             file,
             file_len,
-            footer,
             footer_at,
             disk_type,
-            end_footer,
-            head_footer,
             size,
             size_rule,
+            footers: Box::new(Footers { used: footer, end: end_footer, head: head_footer }),
             sparse,
         })
     }
 
     /// The disk's unique id (a differencing child records its parent's).
     pub(super) fn unique_id(&self) -> [u8; 16] {
-        self.footer.unique_id
+        self.footers.used.unique_id
     }
 
     fn data(&self, start: u64, len: u64, offset: u64) -> Extent {
@@ -410,7 +413,7 @@ impl ImageFormat for VhdImage {
     }
 
     fn describe(&self, info: &mut ImageInfo) {
-        let f = &self.footer;
+        let f = &self.footers.used;
         let mut data = json!({
             "subformat": self.disk_type.as_str(),
             "creator-app": four_cc(f.creator_app),
@@ -451,7 +454,7 @@ impl ImageFormat for VhdImage {
 
     fn check(&self, report: &mut CheckReport) -> Result<()> {
         let end_at = self.file_len - FOOTER_SIZE;
-        if let Err(p) = &self.end_footer {
+        if let Err(p) = &self.footers.end {
             report.corruption(format!("VHD footer at {end_at:#x}: {p}"));
         }
         let Some(s) = &self.sparse else {
@@ -464,10 +467,10 @@ impl ImageFormat for VhdImage {
             }
             return Ok(());
         };
-        match &self.head_footer {
+        match &self.footers.head {
             Some(Err(p)) => report.corruption(format!("VHD footer copy at 0x0: {p}")),
             Some(Ok(h)) => {
-                if let Ok(e) = &self.end_footer {
+                if let Ok(e) = &self.footers.end {
                     if e != h {
                         report.corruption(format!("the VHD footer copy at 0x0 differs from the footer at {end_at:#x}"));
                     }
@@ -504,7 +507,11 @@ impl VhdImage {
         let mut metadata: Vec<(u64, u64, String)> = vec![
             (0, FOOTER_SIZE, "the footer copy at 0x0".into()),
             (s.header_at, s.header_at + HEADER_SIZE, format!("the dynamic disk header at {:#x}", s.header_at)),
-            (s.header.table_offset, s.header.table_offset + bat_len, format!("the BAT at {:#x}", s.header.table_offset)),
+            (
+                s.header.table_offset,
+                s.header.table_offset + bat_len,
+                format!("the BAT at {:#x}", s.header.table_offset),
+            ),
             (end_at, self.file_len, format!("the footer at {end_at:#x}")),
         ];
         if let Some(d) = &s.diff {

@@ -56,11 +56,7 @@ fn priority(platform: [u8; 4]) -> Option<u8> {
 
 /// Read and decode every used locator entry. Entries that cannot be read are kept with their
 /// problem (another locator may still find the parent); only the metadata budget is fatal.
-pub(super) fn read_locators(
-    ctx: &OpenContext<'_>,
-    src: &dyn ReadAt,
-    entries: &[LocatorEntry],
-) -> Result<Vec<Locator>> {
+pub(super) fn read_locators(ctx: &OpenContext<'_>, src: &dyn ReadAt, entries: &[LocatorEntry]) -> Result<Vec<Locator>> {
     let mut out = Vec::new();
     for entry in entries {
         let mut loc = Locator { entry: entry.clone(), text: None, name: None, problem: None, corrupt: false };
@@ -266,6 +262,7 @@ pub(super) fn open_parent(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
