@@ -605,6 +605,21 @@ fn differencing_under_deny_is_refused_naming_the_option() {
 }
 
 #[test]
+fn differencing_disk_naming_itself_is_a_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut cspec, cmodel, _) = chain(1 << 20, 9200);
+    if let Some(p) = &mut cspec.parent {
+        p.uuid = cspec.uuid;
+        p.name = "self.vhd".into();
+    }
+    let cspec = with_locators(cspec, vec![(*b"W2ru", utf16le(".\\self.vhd"))]);
+    let child = write(dir.path(), "self.vhd", &build_sparse(&cspec, &cmodel));
+    let e = open(&child, ReferencePolicy::SameDir).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidImage, "{e}");
+    assert!(e.to_string().contains("loop"), "{e}");
+}
+
+#[test]
 fn qemu_reads_a_differencing_disk_without_its_parent() {
     // qemu-img treats type 4 as dynamic and ignores the parent: its output has the child's
     // garbage where the bitmap says "parent" and zeros where the child has no block.

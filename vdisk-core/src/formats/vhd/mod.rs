@@ -43,8 +43,16 @@
 //!   reads as zeros; qemu-img returns the footer's bytes there.
 //!
 //! Like qemu-img, vdisk reads an allocated block of a dynamic (not differencing) disk whole,
-//! whatever its sector bitmap says, and maps it as data; it accepts a dynamic header whose
-//! checksum is wrong (qemu-img does not check it) and `check` reports it.
+//! whatever its sector bitmap says, and maps it as data; it refuses a BAT entry whose block
+//! ends past the end of the file ("truncated"); and it accepts a dynamic header whose checksum
+//! is wrong (qemu-img does not check it), which `check` reports.
+//!
+//! # Extents
+//!
+//! Fixed: the file's data regions are `Data` at the same offset, its holes `Zero` (qemu-img
+//! maps the whole disk as data). Dynamic: allocated blocks are `Data`, unallocated ones `Zero`
+//! (qemu-img reports them `present: true, zero: true`). Differencing: sectors whose bitmap bit
+//! is set are `Data`, the rest (and unallocated blocks) are the parent's extents one layer down.
 
 mod dynamic;
 mod error;
@@ -524,15 +532,20 @@ impl VhdImage {
                 ));
             }
         }
-        let mut sorted: Vec<(u32, usize)> = Vec::new();
+        // Allocated blocks as (sector << 32 | index), sorted by where they are stored: 8 bytes
+        // per block, twice the BAT at most.
         let allocated = s.bat.iter().filter(|&&e| e != UNALLOCATED).count();
+        let mut sorted: Vec<u64> = Vec::new();
         sorted
             .try_reserve_exact(allocated)
             .map_err(|_| Error::limit(format!("checking {allocated} VHD blocks does not fit in memory")))?;
-        sorted.extend(s.bat.iter().enumerate().filter(|(_, &e)| e != UNALLOCATED).map(|(i, &e)| (e, i)));
+        sorted.extend(
+            s.bat.iter().zip(0u64..).filter(|(&e, _)| e != UNALLOCATED).map(|(&e, i)| (u64::from(e) << 32) | i),
+        );
         sorted.sort_unstable();
-        for &(entry, index) in &sorted {
-            let start = u64::from(entry) * SECTOR;
+        let unpack = |v: u64| ((v >> 32) * SECTOR, v & 0xffff_ffff);
+        for &v in &sorted {
+            let (start, index) = unpack(v);
             let end = start + span;
             for (ms, me, what) in &metadata {
                 if start < *me && *ms < end {
@@ -541,14 +554,9 @@ impl VhdImage {
             }
         }
         for pair in sorted.windows(2) {
-            let (a, ia) = pair[0];
-            let (b, ib) = pair[1];
-            if u64::from(a) * SECTOR + span > u64::from(b) * SECTOR {
-                report.corruption(format!(
-                    "blocks {ia} and {ib} overlap (at {:#x} and {:#x}, {span:#x} bytes each)",
-                    u64::from(a) * SECTOR,
-                    u64::from(b) * SECTOR
-                ));
+            let ((a, ia), (b, ib)) = (unpack(pair[0]), unpack(pair[1]));
+            if a + span > b {
+                report.corruption(format!("blocks {ia} and {ib} overlap (at {a:#x} and {b:#x}, {span:#x} bytes each)"));
             }
         }
         let blocks = self.size.div_ceil(s.block_size);
