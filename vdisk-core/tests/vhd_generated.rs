@@ -916,3 +916,74 @@ fn write_fixtures() {
     }
     std::fs::write(dir.join("generated.tsv"), rows).unwrap();
 }
+
+#[test]
+fn mutated_images_never_panic() {
+    // A small in-process fuzz: random byte flips, field-sized overwrites and truncations of a
+    // dynamic and a fixed image must give an error or a readable image, never a panic or hang.
+    let size = 256 * 1024;
+    let model = Model::random(size, 77, 40);
+    let mut spec = Spec::new(size as u64, 0xee);
+    spec.block_size = 16384;
+    let dynamic = build_sparse(&spec, &model);
+    let fixed = build_fixed(&spec, &model.over(None));
+    let mut rng = Rng::new(0xf022);
+    let (mut opened, mut refused) = (0, 0);
+    for round in 0..3000 {
+        let base = if round % 3 == 0 { &fixed } else { &dynamic };
+        let mut b = base.clone();
+        let hot = [0usize, 512, 1536, b.len() - 512];
+        for _ in 0..=rng.below(4) {
+            let at = if rng.below(2) == 0 {
+                hot[rng.below(4) as usize] + rng.below(600) as usize
+            } else {
+                rng.below(b.len() as u64) as usize
+            };
+            let at = at.min(b.len() - 1);
+            match rng.below(3) {
+                0 => b[at] ^= 1 << rng.below(8),
+                1 => b[at] = if rng.below(2) == 0 { 0 } else { 0xff },
+                _ => {
+                    for x in b.iter_mut().skip(at).take(4) {
+                        *x = rng.below(256) as u8;
+                    }
+                }
+            }
+        }
+        // Keep footers' checksums valid most of the time so the mutation reaches deeper.
+        if rng.below(4) != 0 {
+            let len = b.len();
+            refresh_footer_checksum(&mut b, len - 512);
+            if b.starts_with(b"conectix") {
+                refresh_footer_checksum(&mut b, 0);
+            }
+            if b.len() >= 1536 && &b[512..520] == b"cxsparse" {
+                patch_header(&mut b, |_| {});
+            }
+        }
+        if rng.below(10) == 0 {
+            let cut = rng.below(b.len() as u64) as usize;
+            b.truncate(cut);
+        }
+        let src = std::sync::Arc::new(vdisk_core::MemSource(b.into()));
+        match Image::from_source(src, &OpenOptions::default()) {
+            Err(_) => refused += 1,
+            Ok(img) => {
+                opened += 1;
+                let _ = img.info();
+                let _ = img.check();
+                let mut n = 0;
+                for e in img.extents() {
+                    n += 1;
+                    if e.is_err() || n > 100_000 {
+                        break;
+                    }
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = img.read_at(&mut buf, 0);
+                let _ = img.read_at(&mut buf, img.virtual_size().saturating_sub(1000));
+            }
+        }
+    }
+    assert!(opened > 100 && refused > 100, "{opened} opened, {refused} refused");
+}
