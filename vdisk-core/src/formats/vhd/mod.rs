@@ -410,7 +410,7 @@ fn open_sparse(
 
 impl ImageFormat for VhdImage {
     fn backing_layer(&self) -> Option<&Layer> {
-        self.diff.as_ref().and_then(|d| d.parent.as_deref())
+        self.sparse.as_ref()?.diff.as_ref()?.parent.as_deref()
     }
 
     fn virtual_size(&self) -> u64 {
