@@ -9,6 +9,7 @@
 
 use super::bitmap;
 use super::compressed;
+use super::snapshot;
 use super::tables::{
     be64, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, MAX_L1_ENTRIES, OFLAG_COMPRESSED,
     OFLAG_COPIED, OFLAG_ZERO,
@@ -155,6 +156,11 @@ impl<'a> Checker<'a> {
         // Snapshots.
         if h.has_data_file() && !img.snapshots.is_empty() {
             report.corruption(format!("{} snapshots in an image with an external data file", img.snapshots.len()));
+        }
+        for (i, sn) in img.snapshots.iter().enumerate() {
+            if sn.extra_data_size < snapshot::COMPLETE_EXTRA_DATA {
+                report.corruption(format!("snapshot table entry {i} is incomplete"));
+            }
         }
         for sn in &img.snapshots {
             if sn.l1_table_offset % cs != 0 {

@@ -79,7 +79,13 @@ pub(super) struct Snapshot {
     pub(super) vm_clock_nsec: u64,
     /// Instruction count, where recorded.
     pub(super) icount: Option<u64>,
+    /// Bytes of extra data in the entry.
+    pub(super) extra_data_size: u32,
 }
+
+/// Extra data every complete entry has: the 64-bit VM state size and the disk size (entries
+/// with less are "incomplete" to `qemu-img check`).
+pub(super) const COMPLETE_EXTRA_DATA: u32 = 16;
 
 impl Snapshot {
     /// As `qemu-img info` lists it.
@@ -199,6 +205,7 @@ pub(super) fn read_table(
             date_nsec: raw.date_nsec.get(),
             vm_clock_nsec: raw.vm_clock_nsec.get(),
             icount,
+            extra_data_size: extra_size,
         });
     }
     Ok((snapshots, cur.pos - offset))
