@@ -1,5 +1,6 @@
 //! `check` of qcow2 images against `qemu-img check --output json`: the same counters and the
 //! same classification (corruptions, leaks, exit code), on clean images and on planted faults.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
 mod common;
 

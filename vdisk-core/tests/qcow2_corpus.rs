@@ -1,6 +1,7 @@
 //! The qcow2 (and qcow v1) rows of the real-image corpus: converted through the library, the
 //! content must match the recorded sha256; `error` rows must fail cleanly; qcow v1 is refused by
 //! name. Prints one SKIP line when the corpus is absent.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
 mod common;
 
@@ -143,7 +144,8 @@ fn corpus_65536_snapshots() {
         .output()
         .unwrap();
     let mut theirs: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let mut ours: Value = serde_json::from_str(&Image::describe(&path, &OpenOptions::default()).unwrap().to_json()).unwrap();
+    let mut ours: Value =
+        serde_json::from_str(&Image::describe(&path, &OpenOptions::default()).unwrap().to_json()).unwrap();
     ours["filename"] = Value::String(name.into());
     for v in [&mut theirs, &mut ours] {
         let m = v.as_object_mut().unwrap();

@@ -1,5 +1,6 @@
 //! Differential tests of the qcow2 reader against qemu-img on images qemu-img/qemu-io generate
 //! at test time: raw output (1 and 2 threads), virtual size, format and data ranges must agree.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
 mod common;
 

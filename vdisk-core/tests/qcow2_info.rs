@@ -1,5 +1,6 @@
 //! `describe` of qcow2 images against `qemu-img info --output json` (ignoring `children` and
 //! `actual-size`), for the variants qemu-img can make.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! states (unallocated, zero, preallocated zero, data, compressed, subclusters), so the guest
 //! content is known independently of vdisk. The extent iterator's invariants hold and
 //! `Image::read_at` returns the known content.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
 use std::io::Write;
 use std::sync::Arc;
@@ -20,7 +21,12 @@ enum Cluster {
     Data(u8),
     Compressed(u8),
     /// Extended L2: per-subcluster allocation and zero bits, with or without a host cluster.
-    Sub { host: bool, alloc: u32, zero: u32, pattern: u8 },
+    Sub {
+        host: bool,
+        alloc: u32,
+        zero: u32,
+        pattern: u8,
+    },
 }
 
 /// The parameters of one generated image.
@@ -130,10 +136,11 @@ fn build_with_map(spec: &Spec) -> (Vec<u8>, Vec<u8>, Vec<(u64, u64)>) {
         let at = l2 + (i64_ % l2_entries) * entry_bytes;
         let start = (i64_ * cs) as usize;
         let end = ((i64_ + 1) * cs).min(size) as usize;
-        let content: Vec<u8> = |p: u8| -> Vec<u8> { (0..cs as usize).map(|j| pattern(i, j, p)).collect() }(match c {
+        let p = match c {
             Cluster::Data(p) | Cluster::Compressed(p) | Cluster::Sub { pattern: p, .. } => *p,
             _ => 0,
-        });
+        };
+        let content: Vec<u8> = (0..cs as usize).map(|j| pattern(i, j, p)).collect();
         match c {
             Cluster::Unallocated => {}
             Cluster::Zero => put64(&mut file, at, 1),
@@ -219,8 +226,12 @@ fn cluster_strategy(version: u32, extended: bool) -> BoxedStrategy<Cluster> {
         ]
         .boxed()
     } else if version == 2 {
-        prop_oneof![Just(Cluster::Unallocated), any::<u8>().prop_map(Cluster::Data), any::<u8>().prop_map(Cluster::Compressed)]
-            .boxed()
+        prop_oneof![
+            Just(Cluster::Unallocated),
+            any::<u8>().prop_map(Cluster::Data),
+            any::<u8>().prop_map(Cluster::Compressed)
+        ]
+        .boxed()
     } else {
         prop_oneof![
             Just(Cluster::Unallocated),
@@ -234,7 +245,11 @@ fn cluster_strategy(version: u32, extended: bool) -> BoxedStrategy<Cluster> {
 }
 
 fn spec_strategy() -> impl Strategy<Value = Spec> {
-    (prop_oneof![Just((9u32, false)), Just((12, false)), Just((14, true)), Just((15, false)), Just((16, true))], 2u32..=3, any::<bool>())
+    (
+        prop_oneof![Just((9u32, false)), Just((12, false)), Just((14, true)), Just((15, false)), Just((16, true))],
+        2u32..=3,
+        any::<bool>(),
+    )
         .prop_flat_map(|((cluster_bits, ext), version, zstd)| {
             let extended = ext && version == 3;
             let zstd = zstd && version == 3;

@@ -1,6 +1,7 @@
 //! Backing files and external data files under the reference policy: refused by default,
 //! allowed beside the image with SameDir, json: names refused always, loops and deep chains
 //! refused with an error (never a hang).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
 mod common;
 

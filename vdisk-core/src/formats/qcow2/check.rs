@@ -115,7 +115,12 @@ impl<'a> Checker<'a> {
         let nb_clusters = file_len.div_ceil(cs);
         let slots = nb_clusters + 1;
         let what = "refcount check";
-        img.limits.check_table_entries(what, slots)?;
+        if slots > img.max_table_entries {
+            return Err(Error::limit(format!(
+                "{what} needs {slots} refcount entries, more than the limit of {} (raise max_table_entries / --max-table-entries)",
+                img.max_table_entries
+            )));
+        }
         let refcount_bits = 1u32 << img.header.refcount_order;
         let width = if refcount_bits <= 16 { 2 } else { 8 };
         img.budget.reserve(what, slots * width)?;

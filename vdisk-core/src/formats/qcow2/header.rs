@@ -16,6 +16,9 @@ pub(super) const MIN_CLUSTER_BITS: u32 = 9;
 pub(super) const MAX_CLUSTER_BITS: u32 = 21;
 /// Length of the version 2 header (and of the common part of version 3).
 const V2_HEADER_LEN: usize = 72;
+/// [`V2_HEADER_LEN`] as the header's `header_length` field type.
+const V2_HEADER_LEN_U32: u32 = 72;
+const _: () = assert!(V2_HEADER_LEN_U32 as usize == V2_HEADER_LEN);
 /// Smallest valid `header_length` of a version 3 header.
 const V3_MIN_HEADER_LEN: u32 = 104;
 /// Offset of the compression type byte, present when `header_length` is beyond it.
@@ -251,7 +254,7 @@ impl Header {
         src.read_at_zero_fill(&mut first, 0).map_err(|e| crate::Error::io("reading the qcow2 header", e))?;
 
         let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 2 {
-            (0, 0, 0, 4, V2_HEADER_LEN as u32)
+            (0, 0, 0, 4, V2_HEADER_LEN_U32)
         } else {
             let v3 = first
                 .get(V2_HEADER_LEN..V2_HEADER_LEN + size_of::<RawHeaderV3>())
@@ -456,15 +459,13 @@ fn read_extensions(first: &[u8], start: u64, end: u64, crypt_method: u32) -> Res
                     });
                 }
             }
-            EXT_CRYPTO => {
-                if crypt_method != 2 {
-                    return Err(Qcow2Error::invalid(
-                        what,
-                        off,
-                        "a LUKS encryption header pointer in an image that is not LUKS-encrypted",
-                    )
-                    .into());
-                }
+            EXT_CRYPTO if crypt_method != 2 => {
+                return Err(Qcow2Error::invalid(
+                    what,
+                    off,
+                    "a LUKS encryption header pointer in an image that is not LUKS-encrypted",
+                )
+                .into());
             }
             EXT_BITMAPS => {
                 let b = RawBitmapsExt::read_from_bytes(data).map_err(|_| {

@@ -27,7 +27,7 @@ use crate::extent::{Extent, FileId};
 use crate::image::{ImageFormat, Layer, OpenContext};
 use crate::info::{CheckReport, ImageInfo};
 use crate::io::ReadAt;
-use crate::limits::{Limits, MetadataBudget};
+use crate::limits::MetadataBudget;
 use crate::probe::Format;
 
 /// Largest refcount table (qemu's limit: 8 MiB).
@@ -37,7 +37,7 @@ const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
 pub(crate) struct Qcow2Image {
     src: Arc<dyn ReadAt>,
     file: FileId,
-    header: Header,
+    header: Box<Header>,
     geo: Geometry,
     /// The active L1 table, the entries covering the virtual size.
     l1: Vec<u64>,
@@ -49,7 +49,8 @@ pub(crate) struct Qcow2Image {
     snapshots_size: u64,
     bitmaps: Vec<bitmap::Bitmap>,
     budget: Arc<MetadataBudget>,
-    limits: Limits,
+    /// The limit on table entries, for `check`.
+    max_table_entries: u64,
 }
 
 impl fmt::Debug for Qcow2Image {
@@ -111,7 +112,7 @@ impl Qcow2Image {
         Ok(Qcow2Image {
             src,
             file,
-            header,
+            header: Box::new(header),
             geo,
             l1,
             data_file,
@@ -120,7 +121,7 @@ impl Qcow2Image {
             snapshots_size,
             bitmaps,
             budget: ctx.budget.clone(),
-            limits: ctx.limits().clone(),
+            max_table_entries: ctx.limits().max_table_entries,
         })
     }
 
