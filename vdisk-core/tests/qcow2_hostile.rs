@@ -101,7 +101,8 @@ fn header_fields_are_validated() {
     expect_err(&with(&good, 20, &v(8)), InvalidImage, "cluster_bits 8");
     expect_err(&with(&good, 20, &v(22)), InvalidImage, "cluster_bits 22");
     expect_err(&with(&good, 32, &v(1)), Unsupported, "AES");
-    expect_err(&with(&good, 32, &v(2)), Unsupported, "LUKS");
+    expect_err(&with(&good, 32, &v(2)), InvalidImage, "LUKS");
+    expect_err(&with(&good, 32, &v(3)), Unsupported, "encryption method 3");
     expect_err(&with(&good, 72, &q(1 << 9)), Unsupported, "bit 9");
     expect_err(&with(&good, 100, &v(96)), InvalidImage, "header_length");
     expect_err(&with(&good, 100, &v(8192)), InvalidImage, "header_length");

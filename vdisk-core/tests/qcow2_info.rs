@@ -123,3 +123,33 @@ fn info_matches_qemu_with_backing_snapshots_bitmaps_and_dirt() {
     let info = Image::describe(&p, &OpenOptions::default()).unwrap();
     assert_eq!(info.format_specific.unwrap()["data"]["corrupt"], Value::Bool(true));
 }
+
+/// Encrypted images are described (as qemu-img info does, without a key) but never opened for
+/// reading: the error names the encryption.
+#[test]
+fn encrypted_images_are_described_but_refused() {
+    if !common::have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases = [
+        ("luks.qcow2", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", "LUKS"),
+        (
+            "luks-essiv.qcow2",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,\
+             encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha512",
+            "LUKS",
+        ),
+        ("aes.qcow2", "encrypt.format=aes,encrypt.key-secret=sec0", "AES"),
+    ];
+    for (name, opts, method) in cases {
+        qemu_in(d, &["create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc", "-o", opts, name, "1M"]);
+        assert_info_matches(d, name);
+        let info = Image::describe(d.join(name), &OpenOptions::default()).unwrap();
+        assert_eq!(info.encrypted, Some(true));
+        let e = Image::open(d.join(name), &OpenOptions::default()).unwrap_err();
+        assert_eq!(e.kind(), vdisk_core::ErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains(method) && e.to_string().contains("encrypt"), "{e}");
+    }
+}

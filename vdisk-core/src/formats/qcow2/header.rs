@@ -205,6 +205,31 @@ pub(super) struct Header {
     pub(super) data_file: Option<Vec<u8>>,
     /// The bitmaps extension, when present and consistent (autoclear bit set).
     pub(super) bitmaps: Option<BitmapsExt>,
+    /// How the guest data is encrypted.
+    pub(super) encryption: Encryption,
+}
+
+/// `crypt_method`: not encrypted.
+const CRYPT_NONE: u32 = 0;
+/// `crypt_method`: the legacy AES-CBC scheme.
+const CRYPT_AES: u32 = 1;
+/// `crypt_method`: LUKS, with its header in the image file.
+const CRYPT_LUKS: u32 = 2;
+
+/// How the guest data is encrypted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Encryption {
+    /// Not encrypted.
+    None,
+    /// Legacy AES-CBC.
+    Aes,
+    /// LUKS, with its header at `offset` (`length` bytes) in the image file.
+    Luks {
+        /// Offset of the LUKS header.
+        offset: u64,
+        /// Length of the LUKS header area.
+        length: u64,
+    },
 }
 
 impl Header {
@@ -293,13 +318,19 @@ impl Header {
         let ext_end = if backing_file_offset != 0 { backing_file_offset } else { cluster_size };
         let ext = read_extensions(&first, u64::from(header_length), ext_end, raw.crypt_method.get())?;
 
-        // Encryption first: an encrypted image is refused by name whatever else it holds.
-        match raw.crypt_method.get() {
-            0 => {}
-            1 => return Err(Qcow2Error::Encrypted("AES".into()).into()),
-            2 => return Err(Qcow2Error::Encrypted("LUKS".into()).into()),
+        // Encrypted images are refused by `open` (they can still be described); an unknown
+        // method cannot even be described.
+        let encryption = match raw.crypt_method.get() {
+            CRYPT_NONE => Encryption::None,
+            CRYPT_AES => Encryption::Aes,
+            CRYPT_LUKS => {
+                let (offset, length) = ext.crypto.ok_or_else(|| {
+                    Qcow2Error::invalid(what, 0x20, "LUKS encryption without a LUKS header pointer extension")
+                })?;
+                Encryption::Luks { offset, length }
+            }
             n => return Err(Qcow2Error::Encrypted(format!("{n} (unknown)")).into()),
-        }
+        };
         let unknown = incompatible & !INCOMPAT_KNOWN;
         if unknown != 0 {
             return Err(Qcow2Error::Feature(feature_names(&ext.feature_names, unknown)).into());
@@ -388,6 +419,7 @@ impl Header {
             backing_format: ext.backing_format,
             data_file: ext.data_file,
             bitmaps: if autoclear & AUTOCLEAR_BITMAPS != 0 { ext.bitmaps } else { None },
+            encryption,
         })
     }
 }
@@ -399,6 +431,7 @@ struct Extensions {
     data_file: Option<Vec<u8>>,
     bitmaps: Option<BitmapsExt>,
     feature_names: Vec<FeatureName>,
+    crypto: Option<(u64, u64)>,
 }
 
 /// `len` bytes of `buf` at `off`, if they are all inside it.
@@ -459,13 +492,32 @@ fn read_extensions(first: &[u8], start: u64, end: u64, crypt_method: u32) -> Res
                     });
                 }
             }
-            EXT_CRYPTO if crypt_method != 2 => {
-                return Err(Qcow2Error::invalid(
-                    what,
-                    off,
-                    "a LUKS encryption header pointer in an image that is not LUKS-encrypted",
-                )
-                .into());
+            EXT_CRYPTO => {
+                if crypt_method != CRYPT_LUKS {
+                    return Err(Qcow2Error::invalid(
+                        what,
+                        off,
+                        "a LUKS encryption header pointer in an image that is not LUKS-encrypted",
+                    )
+                    .into());
+                }
+                let (Some(offset), Some(length)) = (data.get(..8), data.get(8..16)) else {
+                    return Err(Qcow2Error::invalid(
+                        what,
+                        off,
+                        format!("LUKS header pointer of {len} bytes, expected 16"),
+                    )
+                    .into());
+                };
+                if len != 16 {
+                    return Err(Qcow2Error::invalid(
+                        what,
+                        off,
+                        format!("LUKS header pointer of {len} bytes, expected 16"),
+                    )
+                    .into());
+                }
+                ext.crypto = Some((super::tables::be64(offset), super::tables::be64(length)));
             }
             EXT_BITMAPS => {
                 let b = RawBitmapsExt::read_from_bytes(data).map_err(|_| {

@@ -1,6 +1,7 @@
 //! qcow2 reader: versions 2 and 3, standard and extended L2 entries, zero and compressed
 //! (zlib, zstd) clusters, backing files, external data files, internal snapshots (listed; the
-//! active layer is read), persistent bitmaps (listed) and a refcount `check`.
+//! active layer is read), persistent bitmaps (listed) and a refcount `check`. Encrypted
+//! images (AES, LUKS) are described like `qemu-img info` does but refused by `open`.
 //!
 //! Everything is validated at open; `map` reads the L2 entries it needs on demand, with no
 //! cache and no lock, so any number of threads can map and read at once.
@@ -8,6 +9,7 @@
 mod bitmap;
 mod check;
 mod compressed;
+mod crypto;
 mod error;
 mod header;
 mod snapshot;
@@ -20,7 +22,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use self::error::invalid;
-use self::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use self::header::{Encryption, Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use self::tables::{Geometry, Mapper};
 use crate::error::{Error, Result};
 use crate::extent::{Extent, FileId};
@@ -48,6 +50,8 @@ pub(crate) struct Qcow2Image {
     /// Size of the snapshot table in bytes.
     snapshots_size: u64,
     bitmaps: Vec<bitmap::Bitmap>,
+    /// `format-specific.data.encrypt` of an encrypted image (only opened to be described).
+    encrypt: Option<Value>,
     budget: Arc<MetadataBudget>,
     /// The limit on table entries, for `check`.
     max_table_entries: u64,
@@ -75,6 +79,14 @@ impl Qcow2Image {
         path: Option<&Path>,
     ) -> Result<Self> {
         let header = Header::read(src.as_ref())?;
+        let encrypt = match header.encryption {
+            Encryption::None => None,
+            e if !ctx.describe_only => {
+                let name = if e == Encryption::Aes { "AES" } else { "LUKS" };
+                return Err(error::Qcow2Error::Encrypted(name.into()).into());
+            }
+            e => crypto::describe(src.as_ref(), e)?,
+        };
         let geo = Geometry::new(&header)?;
         ctx.limits().check_virtual_size(header.size)?;
         check_refcount_table(&header)?;
@@ -120,6 +132,7 @@ impl Qcow2Image {
             snapshots,
             snapshots_size,
             bitmaps,
+            encrypt,
             budget: ctx.budget.clone(),
             max_table_entries: ctx.limits().max_table_entries,
         })
@@ -146,6 +159,9 @@ impl Qcow2Image {
             m.insert("compat".into(), json!("0.10"));
             m.insert("compression-type".into(), json!(compression));
             m.insert("refcount-bits".into(), json!(1u64 << h.refcount_order));
+            if let Some(e) = &self.encrypt {
+                m.insert("encrypt".into(), e.clone());
+            }
             return Value::Object(m);
         }
         m.insert("compat".into(), json!("1.1"));
@@ -155,6 +171,9 @@ impl Qcow2Image {
             m.insert("bitmaps".into(), Value::Array(self.bitmaps.iter().map(bitmap::Bitmap::info).collect()));
         }
         m.insert("refcount-bits".into(), json!(1u64 << h.refcount_order));
+        if let Some(e) = &self.encrypt {
+            m.insert("encrypt".into(), e.clone());
+        }
         if let Some(name) = &h.data_file {
             m.insert("data-file".into(), json!(String::from_utf8_lossy(name)));
         }
@@ -207,6 +226,9 @@ impl ImageFormat for Qcow2Image {
         }
         info.snapshots = self.snapshots.iter().map(snapshot::Snapshot::info).collect();
         info.set_format_specific("qcow2", self.format_specific());
+        if self.encrypt.is_some() {
+            info.encrypted = Some(true);
+        }
     }
 
     fn check(&self, report: &mut CheckReport) -> Result<()> {
