@@ -102,7 +102,7 @@ pub(super) fn read_l1(ctx: &OpenContext<'_>, src: &dyn ReadAt, h: &Header, geo: 
         return Err(invalid(
             what,
             at,
-            format!("(+{bytes:#x}) lies past the end of the file ({:#x} bytes)", src.size()),
+            format!("its {bytes:#x} bytes lie past the end of the file ({:#x} bytes)", src.size()),
         ));
     }
     ctx.budget.reserve(what, bytes)?;
