@@ -210,6 +210,10 @@ fn check_refcount_table(h: &Header) -> Result<()> {
 }
 
 impl ImageFormat for Qcow2Image {
+    fn backing_layer(&self) -> Option<&Layer> {
+        self.backing.as_deref()
+    }
+
     fn virtual_size(&self) -> u64 {
         self.header.size
     }
