@@ -231,7 +231,13 @@ impl VmdkImage {
                 let len = len.min(src.size().saturating_sub(off));
                 let what = format!("embedded descriptor at {off:#x}");
                 let text = read_descriptor_text(ctx, src.as_ref(), off, len, &what)?;
-                Some(descriptor::parse(&text, &what)?)
+                // A descriptor area left blank (the pieces of a twoGbMaxExtentSparse set) means
+                // no descriptor: the extent is read on its own.
+                if matches!(text.first(), None | Some(0)) {
+                    None
+                } else {
+                    Some(descriptor::parse(&text, &what)?)
+                }
             }
             _ => None,
         };
@@ -242,9 +248,9 @@ impl VmdkImage {
             }
             if d.extents.is_empty() {
                 return Err(Error::invalid(format!(
-                    "embedded descriptor at {:#x}: {}; the image cannot be trusted",
+                    "embedded descriptor at {:#x}: it lists no extent{}; the disk it describes is unknown",
                     h.descriptor.map_or(0, |d| d.0),
-                    if d.keys == 0 { "it is empty" } else { "it lists no extent" }
+                    if d.keys == 0 { " and no key" } else { "" }
                 )));
             }
         }
