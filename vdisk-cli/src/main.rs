@@ -1,1 +1,85 @@
-fn main() {}
+//! `vdisk`: inspect and convert disk images (qcow2, VMDK, VHD, VHDX, raw).
+//!
+//! A thin binary: parse arguments, call one vdisk-core function, render the result, map errors
+//! to exit codes (0 success, 1 error, 2 usage; `check` also 2 corrupt and 3 leaks; 130 when
+//! interrupted). Every error is one line on stderr beginning `vdisk: `.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+mod check;
+mod common;
+mod convert;
+mod info;
+mod map;
+mod progress;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for any error.
+const EXIT_ERROR: u8 = 1;
+/// Exit code for a usage error.
+const EXIT_USAGE: u8 = 2;
+/// Exit code when interrupted by SIGINT (128 + 2, as shells report it).
+const EXIT_INTERRUPTED: u8 = 130;
+
+#[derive(Parser, Debug)]
+#[command(name = "vdisk", version, about = "Inspect and convert qcow2, VMDK, VHD, VHDX and raw disk images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Describe an image (qemu-img info compatible).
+    Info(info::Args),
+    /// Show how the virtual disk maps to stored data (qemu-img map compatible).
+    Map(map::Args),
+    /// Write the guest content to a raw file or block device (qemu-img convert compatible).
+    Convert(convert::Args),
+    /// Check an image's metadata for corruptions and leaks (qemu-img check compatible).
+    Check(check::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(EXIT_USAGE);
+            }
+            let text = e.to_string();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+            let first = first.trim_start_matches("error: ");
+            eprintln!("vdisk: {first} (see 'vdisk --help')");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let result = match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Map(a) => map::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Check(a) => check::run(a),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("vdisk: {e}");
+            if e.kind() == vdisk_core::ErrorKind::Cancelled {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else {
+                ExitCode::from(EXIT_ERROR)
+            }
+        }
+    }
+}

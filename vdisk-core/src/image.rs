@@ -49,6 +49,11 @@ pub(crate) trait ImageFormat: Send + Sync + fmt::Debug {
 
     /// Walk all metadata and record corruptions and leaks in `report`.
     fn check(&self, report: &mut CheckReport) -> Result<()>;
+
+    /// The backing file or parent this layer falls through to, if it has one open.
+    fn backing_layer(&self) -> Option<&Layer> {
+        None
+    }
 }
 
 /// One opened layer of any format (enum dispatch over the format readers).
@@ -92,6 +97,17 @@ impl Layer {
 
     pub(crate) fn check(&self, report: &mut CheckReport) -> Result<()> {
         self.reader().check(report)
+    }
+
+    /// Layers below this one in its chain (0 without a backing file).
+    pub(crate) fn chain_below(&self) -> u32 {
+        let mut depth = 0u32;
+        let mut layer = self;
+        while let Some(b) = layer.reader().backing_layer() {
+            depth = depth.saturating_add(1);
+            layer = b;
+        }
+        depth
     }
 
     /// [`ImageFormat::map`], with its contract verified so a reader bug becomes an error, never
@@ -267,9 +283,7 @@ impl Layer {
             Some(f) => f,
             None => match probe::detect(src.as_ref())? {
                 Detected::Supported(f) => f,
-                Detected::Known(name) => {
-                    return Err(Error::unsupported(format!("{name} images are not supported by vdisk")));
-                }
+                Detected::Known(name) => return Err(Error::unsupported(unsupported_format_message(name))),
             },
         };
         let file = ctx.add_file(src.clone(), path.clone(), id);
@@ -290,6 +304,15 @@ impl Layer {
         let layer = opened?;
         ctx.options.limits.check_virtual_size(layer.virtual_size())?;
         Ok(layer)
+    }
+}
+
+/// The refusal for a recognised format vdisk does not read.
+fn unsupported_format_message(name: &str) -> String {
+    if name.starts_with("OVA") {
+        "this is an OVA (tar archive), not a disk image: extract the .vmdk it contains and convert that".to_string()
+    } else {
+        format!("{name} images are not supported by vdisk")
     }
 }
 
@@ -329,6 +352,14 @@ impl Image {
         Ok(image.info())
     }
 
+    /// Check the image at `path` (as `qemu-img check` does): its own metadata only, without
+    /// opening its references.
+    pub fn check_file(path: impl AsRef<Path>, options: &OpenOptions) -> Result<CheckReport> {
+        let path = path.as_ref();
+        let image = Self::open_inner(path, options, true)?;
+        image.check().map_err(|e| e.in_file(path))
+    }
+
     /// Open an image held in memory (or any [`ReadAt`] source); it may reference no other file.
     pub fn from_source(src: Arc<dyn ReadAt>, options: &OpenOptions) -> Result<Image> {
         let mut ctx = OpenContext::new(options, false);
@@ -338,7 +369,7 @@ impl Image {
 
     fn open_inner(path: &Path, options: &OpenOptions, describe_only: bool) -> Result<Image> {
         let mut ctx = OpenContext::new(options, describe_only);
-        let (src, id) = open_source(path, "image").map_err(|e| e.in_file(path))?;
+        let (src, id) = open_source(path, "image")?;
         let top = Layer::open(&mut ctx, src, Some(path.to_path_buf()), Some(id), options.format)
             .map_err(|e| e.in_file(path))?;
         Ok(Image {
@@ -364,9 +395,19 @@ impl Image {
         self.path.as_deref()
     }
 
+    /// Images below the top one in its backing chain (qemu's `depth` of an unallocated range).
+    pub fn chain_depth(&self) -> u32 {
+        self.top.chain_below()
+    }
+
     /// The paths of every file this image reads (itself, backing files, extents), in open order.
     pub fn files(&self) -> impl Iterator<Item = &Path> {
         self.files.iter().filter_map(|f| f.path.as_deref())
+    }
+
+    /// The path of the file behind `file` (from an extent's location), if it has one.
+    pub fn file_path(&self, file: FileId) -> Option<&Path> {
+        self.files.get(file.index()).and_then(|f| f.path.as_deref())
     }
 
     /// (device, inode) of every file this image reads, to refuse writing onto one of them.

@@ -27,6 +27,8 @@
 //! ```
 
 #![forbid(unsafe_op_in_unsafe_fn)]
+// Library code never unwraps or truncates silently: input comes from untrusted files.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation))]
 
 mod copy;
 mod decompress;

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: `vdisk convert` against `qemu-img convert -m 16 -W`.
+
+One command builds realistic images (an ext4 file system filled with real files from /usr, about
+1 GB of data in a 4 GiB disk, and a larger one), converts them to every format and compressed
+variant with qemu-img, then times both tools converting each back to a raw file, alternating
+which goes first, for several rounds. It prints medians, the vdisk/qemu-img ratio per variant,
+peak RSS, and `cp --sparse=always` of the raw image as the write-bandwidth limit, and appends the
+table with a machine description to benches/RESULTS.md (with --record).
+
+    python3 benches/bench.py                 # default: 4G:1G disk, 5 rounds
+    python3 benches/bench.py --disks 4G:1G,16G:3G --rounds 5 --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (name, qemu-img -f name, qemu-img convert options to make it)
+VARIANTS = [
+    ("qcow2", "qcow2", ["-O", "qcow2"]),
+    ("qcow2-zlib", "qcow2", ["-O", "qcow2", "-c"]),
+    ("qcow2-zstd", "qcow2", ["-O", "qcow2", "-c", "-o", "compression_type=zstd"]),
+    ("vmdk-sparse", "vmdk", ["-O", "vmdk"]),
+    ("vmdk-stream", "vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
+    ("vhd-dynamic", "vpc", ["-O", "vpc", "-o", "force_size=on"]),
+    ("vhdx-dynamic", "vhdx", ["-O", "vhdx"]),
+    ("raw", "raw", None),
+]
+
+# Real files to fill the file system with, in order of preference.
+SOURCES = ["/usr/lib", "/usr/share", "/usr/bin", "/usr/local", "/usr/libexec", "/usr/sbin"]
+
+
+def size_arg(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper()
+    if text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def human(n: float) -> str:
+    for unit in ["B", "KiB", "MiB", "GiB", "TiB"]:
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Run cmd; return (wall seconds, peak RSS bytes of the child)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err}")
+    return elapsed, usage.ru_maxrss * 1024
+
+
+def fill_tree(dest: Path, budget: int) -> int:
+    """Copy real files from /usr into dest until `budget` bytes; returns bytes copied."""
+    copied = 0
+    for src in SOURCES:
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if not (st.st_mode & 0o170000 == 0o100000) or st.st_size == 0:
+                    continue
+                if copied + st.st_size > budget:
+                    continue
+                target = dest / os.path.relpath(path, "/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    shutil.copyfile(path, target)
+                except OSError:
+                    continue
+                copied += st.st_size
+                if copied >= budget * 0.995:
+                    return copied
+    return copied
+
+
+def make_disk(work: Path, disk: int, data: int) -> Path:
+    raw = work / f"disk-{disk >> 30}G-{data >> 20}M.raw"
+    if raw.exists():
+        return raw
+    staging = work / "staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    copied = fill_tree(staging, data)
+    print(f"  filled {human(copied)} of real files for a {human(disk)} disk", flush=True)
+    tmp = raw.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.truncate(disk)
+    run(["mkfs.ext4", "-q", "-F", "-d", str(staging), str(tmp)])
+    shutil.rmtree(staging)
+    tmp.rename(raw)
+    return raw
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    fs = subprocess.run(["df", "-T", str(ROOT)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {human(mem)} RAM, kernel {platform.release()}, "
+        f"target file system {fs[1] if len(fs) > 1 else '?'}; {qemu}; vdisk {commit}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--disks", default="4G:1G", help="comma-separated DISK:DATA sizes (default 4G:1G)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default="all", help="comma-separated subset of: " + ",".join(v[0] for v in VARIANTS))
+    ap.add_argument("--work", type=Path, default=ROOT / "benches" / "work")
+    ap.add_argument("--threads", type=int, default=None, help="vdisk --threads (default: all cores)")
+    ap.add_argument("--record", action="store_true", help="append the results to benches/RESULTS.md")
+    args = ap.parse_args()
+
+    chosen = VARIANTS if args.variants == "all" else [v for v in VARIANTS if v[0] in args.variants.split(",")]
+    args.work.mkdir(parents=True, exist_ok=True)
+    print("building vdisk (release)", flush=True)
+    run(["cargo", "build", "--release", "-q", "-p", "vdisk-cli"], cwd=ROOT)
+    vdisk = str(ROOT / "target" / "release" / "vdisk")
+    out = args.work / "out.raw"
+
+    lines = [f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.rounds} rounds", "", machine(), ""]
+    header = "| disk | variant | image size | vdisk median s | qemu-img median s | ratio | vdisk peak RSS | qemu-img peak RSS |"
+    lines += [header, "|---|---|---|---|---|---|---|---|"]
+    print(header)
+
+    def clean() -> None:
+        if out.exists():
+            out.unlink()
+        os.sync()
+
+    for spec in args.disks.split(","):
+        disk_s, data_s = spec.split(":")
+        disk, data = size_arg(disk_s), size_arg(data_s)
+        print(f"preparing {disk_s} disk with {data_s} of files", flush=True)
+        raw = make_disk(args.work, disk, data)
+        # Write-bandwidth limit: cp of the raw image, keeping holes.
+        cp_times = []
+        for _ in range(args.rounds):
+            clean()
+            cp_times.append(timed(["cp", "--sparse=always", str(raw), str(out)])[0])
+        clean()
+        row = f"| {disk_s}/{data_s} | cp --sparse=always (raw) | {human(raw.stat().st_blocks * 512)} | {statistics.median(cp_times):.2f} | | | | |"
+        print(row, flush=True)
+        lines.append(row)
+        for name, fmt, opts in chosen:
+            image = raw if opts is None else args.work / f"{raw.stem}.{name}"
+            if opts is not None and not image.exists():
+                run(["qemu-img", "convert", "-f", "raw", *opts, str(raw), str(image) + ".tmp"])
+                os.rename(str(image) + ".tmp", image)
+            ours, theirs, rss_ours, rss_theirs = [], [], [], []
+            vcmd = [vdisk, "convert", "-f", fmt, "-O", "raw", str(image), str(out)]
+            if args.threads:
+                vcmd[2:2] = ["--threads", str(args.threads)]
+            qcmd = ["qemu-img", "convert", "-m", "16", "-W", "-f", fmt, "-O", "raw", str(image), str(out)]
+            for r in range(args.rounds):
+                order = [(vcmd, ours, rss_ours), (qcmd, theirs, rss_theirs)]
+                if r % 2:
+                    order.reverse()
+                for cmd, times, rss in order:
+                    clean()
+                    t, m = timed(cmd)
+                    times.append(t)
+                    rss.append(m)
+            clean()
+            mo, mt = statistics.median(ours), statistics.median(theirs)
+            row = (
+                f"| {disk_s}/{data_s} | {name} | {human(image.stat().st_blocks * 512)} | {mo:.2f} | {mt:.2f} | "
+                f"{mo / mt:.2f} | {human(max(rss_ours))} | {human(max(rss_theirs))} |"
+            )
+            print(row, flush=True)
+            lines.append(row)
+
+    # An empty 1 TiB qcow2: metadata only.
+    empty = args.work / "empty-1T.qcow2"
+    if not empty.exists():
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(empty), "1T"])
+    ours, theirs = [], []
+    for _ in range(args.rounds):
+        clean()
+        ours.append(timed([vdisk, "convert", str(empty), str(out)])[0])
+        clean()
+        theirs.append(timed(["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", str(empty), str(out)])[0])
+    clean()
+    row = f"| 1T/0 | empty qcow2 | {human(empty.stat().st_blocks * 512)} | {statistics.median(ours):.3f} | {statistics.median(theirs):.3f} | {statistics.median(ours) / statistics.median(theirs):.2f} | | |"
+    print(row)
+    lines.append(row)
+
+    if args.record:
+        results = ROOT / "benches" / "RESULTS.md"
+        if not results.exists():
+            results.write_text("# Benchmark results\n\nProduced by `python3 benches/bench.py --record`; newest last.\n\n")
+        with open(results, "a") as f:
+            f.write("\n".join(lines) + "\n\n")
+        print(f"recorded in {results}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

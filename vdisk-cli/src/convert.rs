@@ -1,0 +1,96 @@
+//! `vdisk convert`: write an image's guest content to a raw file or block device.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::{Args as ClapArgs, ValueEnum};
+use vdisk_core::{convert, ConvertOptions, Image};
+
+use crate::common::OpenArgs;
+use crate::progress::ProgressPrinter;
+
+/// Output formats: vdisk writes raw content; `host_device` additionally requires a block device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    #[default]
+    Raw,
+    #[value(name = "host_device")]
+    HostDevice,
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    open: OpenArgs,
+    /// Output format: raw (file or device) or host_device (block device only).
+    #[arg(short = 'O', value_enum, default_value = "raw", value_name = "FMT")]
+    output_format: OutputFormat,
+    /// Show progress (a bar on a terminal, periodic lines otherwise).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Use an existing target (do not create it).
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// The target already reads as zero: skip zeroing.
+    #[arg(long)]
+    target_is_zero: bool,
+    /// Copy threads (default: every core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: Option<u16>,
+    /// Source image.
+    src: PathBuf,
+    /// Target file or block device.
+    dst: PathBuf,
+}
+
+/// Set by the SIGINT handler; the copy stops between work items.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Route the first SIGINT to [`INTERRUPTED`]; a second one kills the process as usual.
+fn install_sigint_handler() {
+    // SAFETY: sigaction with a zeroed struct plus a handler that only stores to an atomic, which
+    // is async-signal-safe; SA_RESETHAND restores the default action after the first signal.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = libc::SA_RESETHAND;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+    }
+}
+
+pub fn run(args: Args) -> vdisk_core::Result<u8> {
+    let image = Image::open(&args.src, &args.open.options())?;
+    install_sigint_handler();
+    let printer = args.progress.then(ProgressPrinter::new);
+    let callback = |done: u64, total: u64| {
+        if let Some(p) = &printer {
+            p.update(done, total);
+        }
+    };
+    let options = ConvertOptions {
+        threads: args.threads.map(usize::from),
+        target_is_zero: args.target_is_zero,
+        must_exist: args.no_create,
+        require_device: args.output_format == OutputFormat::HostDevice,
+        progress: Some(&callback),
+        cancel: Some(&INTERRUPTED),
+        ..ConvertOptions::default()
+    };
+    let result = convert(&image, &args.dst, &options);
+    if let Some(p) = &printer {
+        p.finish();
+    }
+    result.map_err(|e| match e.kind() {
+        vdisk_core::ErrorKind::Cancelled => vdisk_core::Error::new(
+            vdisk_core::ErrorKind::Cancelled,
+            format!("interrupted; {} is left as written so far", args.dst.display()),
+        ),
+        _ => e,
+    })?;
+    Ok(0)
+}
