@@ -118,10 +118,8 @@ fn corpus_vmdk_rows() {
             Ok(r)
         });
         match (row.expect.as_str(), &result) {
-            ("ok", Ok((sha, size))) => {
-                if *sha != row.sha256 || size.to_string() != row.size {
-                    failures.push(format!("{}: got {sha} ({size} bytes), want {} ({})", row.name, row.sha256, row.size));
-                }
+            ("ok", Ok((sha, size))) if *sha != row.sha256 || size.to_string() != row.size => {
+                failures.push(format!("{}: got {sha} ({size} bytes), want {} ({})", row.name, row.sha256, row.size));
             }
             ("ok", Err(e)) => failures.push(format!("{}: refused: {e}", row.name)),
             ("error", Ok(_)) => failures.push(format!("{}: converted but must be refused", row.name)),

@@ -137,20 +137,20 @@ fn build_kdmv(o: &Kdmv, gs: &[G]) -> Vec<u8> {
         flags |= (1 << 16) | (1 << 17);
         let overhead = f.len() / SECTOR;
         let mut gd = vec![0u32; n_gt];
-        for t in 0..n_gt {
+        for (t, gd_entry) in gd.iter_mut().enumerate() {
             let mut gt = vec![0u32; o.gtes];
-            for k in 0..o.gtes {
+            for (k, gte) in gt.iter_mut().enumerate() {
                 let i = t * o.gtes + k;
                 match gs.get(i) {
                     Some(G::Data(data)) => {
-                        gt[k] = (f.len() / SECTOR) as u32;
+                        *gte = (f.len() / SECTOR) as u32;
                         let c = zlib(data);
                         f.extend_from_slice(&((i as u64) * o.grain_sectors).to_le_bytes());
                         f.extend_from_slice(&(c.len() as u32).to_le_bytes());
                         f.extend_from_slice(&c);
                         pad_to(&mut f, SECTOR);
                     }
-                    Some(G::Zero) => gt[k] = 1,
+                    Some(G::Zero) => *gte = 1,
                     _ => {}
                 }
             }
@@ -162,7 +162,7 @@ fn build_kdmv(o: &Kdmv, gs: &[G]) -> Vec<u8> {
             put_u64(&mut m, 0, (gt_bytes / SECTOR) as u64);
             put_u32(&mut m, 12, 1);
             f.extend_from_slice(&m);
-            gd[t] = (f.len() / SECTOR) as u32;
+            *gd_entry = (f.len() / SECTOR) as u32;
             for v in gt {
                 f.extend_from_slice(&v.to_le_bytes());
             }
@@ -211,7 +211,7 @@ fn build_kdmv(o: &Kdmv, gs: &[G]) -> Vec<u8> {
             G::Unalloc => {}
         }
     }
-    let mut write_dir = |f: &mut Vec<u8>, at: usize| {
+    let write_dir = |f: &mut Vec<u8>, at: usize| {
         for t in 0..n_gt {
             let gt_at = at + gd_bytes + t * gt_bytes;
             put_u32(f, at + t * 4, (gt_at / SECTOR) as u32);
@@ -224,7 +224,14 @@ fn build_kdmv(o: &Kdmv, gs: &[G]) -> Vec<u8> {
     if o.rgd {
         write_dir(&mut f, rgd_at);
     }
-    let h = kdmv_header(o, flags, (gd_at / SECTOR) as u64, if o.rgd { (rgd_at / SECTOR) as u64 } else { 0 }, desc_sectors, overhead as u64);
+    let h = kdmv_header(
+        o,
+        flags,
+        (gd_at / SECTOR) as u64,
+        if o.rgd { (rgd_at / SECTOR) as u64 } else { 0 },
+        desc_sectors,
+        overhead as u64,
+    );
     f[..SECTOR].copy_from_slice(&h);
     f
 }
@@ -551,9 +558,17 @@ fn refusals_name_the_feature() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "x-flat.vmdk", &[0u8; 4096]);
     let cases: Vec<(&str, String, ErrorKind)> = vec![
-        ("rdm", descriptor("vmfsRawDeviceMap", 1, None, &["RW 8 VMFSRDM \"x-flat.vmdk\"".into()]), ErrorKind::Unsupported),
+        (
+            "rdm",
+            descriptor("vmfsRawDeviceMap", 1, None, &["RW 8 VMFSRDM \"x-flat.vmdk\"".into()]),
+            ErrorKind::Unsupported,
+        ),
         ("raw", descriptor("vmfs", 1, None, &["RW 8 VMFSRAW \"x-flat.vmdk\"".into()]), ErrorKind::Unsupported),
-        ("pt", descriptor("vmfsPassthroughRawDeviceMap", 1, None, &["RW 8 VMFS \"x-flat.vmdk\"".into()]), ErrorKind::Unsupported),
+        (
+            "pt",
+            descriptor("vmfsPassthroughRawDeviceMap", 1, None, &["RW 8 VMFS \"x-flat.vmdk\"".into()]),
+            ErrorKind::Unsupported,
+        ),
         ("noacc", descriptor("vmfs", 1, None, &["NOACCESS 8 VMFS \"x-flat.vmdk\"".into()]), ErrorKind::Unsupported),
         ("none", descriptor("vmfs", 1, None, &[]), ErrorKind::InvalidImage),
         ("weird", descriptor("vmfs", 1, None, &["RW 8 FANCY \"x-flat.vmdk\"".into()]), ErrorKind::Unsupported),
@@ -741,11 +756,14 @@ fn hostile_sparse_extents() {
         ("truncated", good[..good.len() / 3].to_vec()),
         ("compression", mutate(&|b| b[77] = 9)),
         ("newline", mutate(&|b| b[76] = b'\r')),
-        ("empty-descriptor", mutate(&|b| {
-            put_u64(b, 28, 1);
-            put_u64(b, 36, 1);
-            b[512] = b'\n';
-        })),
+        (
+            "empty-descriptor",
+            mutate(&|b| {
+                put_u64(b, 28, 1);
+                put_u64(b, 36, 1);
+                b[512] = b'\n';
+            }),
+        ),
         ("cowd", {
             let mut c = build_cowd(2048, 1, &grains(2048, 512, 1, false));
             put_u32(&mut c, 24, 0);

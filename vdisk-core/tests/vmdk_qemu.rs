@@ -36,8 +36,7 @@ fn assert_info_matches(path: &Path, policy: ReferencePolicy) {
     let img = Image::open(path, &common::opts(policy)).unwrap();
     let ours: serde_json::Value = serde_json::from_str(&img.info().to_json()).unwrap();
     let mut theirs: serde_json::Value =
-        serde_json::from_str(&qemu_img(&["info", "-f", "vmdk", "--output", "json", path.to_str().unwrap()]))
-            .unwrap();
+        serde_json::from_str(&qemu_img(&["info", "-f", "vmdk", "--output", "json", path.to_str().unwrap()])).unwrap();
     let obj = theirs.as_object_mut().unwrap();
     obj.remove("children");
     obj.remove("actual-size");

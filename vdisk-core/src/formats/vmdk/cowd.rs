@@ -14,7 +14,7 @@ use crate::image::OpenContext;
 use crate::info::CheckReport;
 use crate::io::{read_exact, ReadAt};
 
-use super::grains::{load_tables, read_directory, GrainLookup, GrainTables, Mem, TableSpec};
+use super::grains::{load_tables, read_directory, with_check_mem, GrainLookup, GrainTables, Mem, TableSpec};
 use super::header::SECTOR;
 
 /// `COWD` read as a little-endian u32.
@@ -75,6 +75,10 @@ pub(crate) struct CowdExtent {
     file: FileId,
     src: Arc<dyn ReadAt>,
     tables: Option<GrainTables<u32>>,
+    /// Byte offset of the grain directory.
+    gd_offset: u64,
+    /// Directory entries in use.
+    gd_entries: u64,
 }
 
 impl CowdExtent {
@@ -108,12 +112,17 @@ impl CowdExtent {
         if gd_offset < 2048 && needed > 0 {
             return Err(Error::invalid(format!("COWD grain directory at {gd_offset:#x} overlaps the header")));
         }
-        let mut ext = CowdExtent { capacity, grain_size, file, src, tables: None };
-        if ctx.describe_only || needed == 0 {
-            return Ok(ext);
+        let mut ext = CowdExtent { capacity, grain_size, file, src, tables: None, gd_offset, gd_entries: needed };
+        if !ctx.describe_only {
+            ext.tables = Some(ext.load(Mem { limits: ctx.limits(), budget: &ctx.budget })?);
         }
-        let mem = Mem { limits: ctx.limits(), budget: &ctx.budget };
-        let src = ext.src.as_ref();
+        Ok(ext)
+    }
+
+    /// Read the directory and tables, validating every entry.
+    fn load(&self, mem: Mem<'_>) -> Result<GrainTables<u32>> {
+        let (gd_offset, needed) = (self.gd_offset, self.gd_entries);
+        let src = self.src.as_ref();
         let raw = read_directory(mem, src, gd_offset, needed, 4, "COWD grain directory")?;
         let mut dir = Vec::with_capacity(raw.len());
         for (i, &e) in raw.iter().enumerate() {
@@ -121,15 +130,15 @@ impl CowdExtent {
                 0 => None,
                 s if s * SECTOR < 2048 => {
                     return Err(Error::invalid(format!(
-                        "COWD grain directory at {gd_offset:#x}, entry {i}: grain table at sector {s} overlaps the header"
-                    )))
+                    "COWD grain directory at {gd_offset:#x}, entry {i}: grain table at sector {s} overlaps the header"
+                )))
                 }
                 s => Some(s * SECTOR),
             });
         }
         let size = src.size();
         let spec = TableSpec { what: "COWD grain directory", per_table: GTES_PER_GT, entry_bytes: 4 };
-        ext.tables = Some(load_tables(mem, src, &spec, &dir, |toff, idx, raw| {
+        load_tables(mem, src, &spec, &dir, |toff, idx, raw| {
             let v = u32::try_from(raw).unwrap_or(u32::MAX);
             if v != 0 && u64::from(v) * SECTOR >= size {
                 return Err(Error::invalid(format!(
@@ -137,17 +146,22 @@ impl CowdExtent {
                 )));
             }
             Ok(v)
-        })?);
-        Ok(ext)
-    }
-
-    pub(crate) fn loaded(&self) -> bool {
-        self.tables.is_some()
+        })
     }
 
     /// Grains that extend past the end of the file or overlap another grain.
     pub(crate) fn check(&self, name: &str, report: &mut CheckReport) {
-        let Some(t) = &self.tables else { return };
+        let loaded;
+        let t = match &self.tables {
+            Some(t) => t,
+            None => match with_check_mem(|m| self.load(m)) {
+                Ok(t) => {
+                    loaded = t;
+                    &loaded
+                }
+                Err(e) => return report.corruption(format!("{name}: {e}")),
+            },
+        };
         let size = self.src.size();
         let mut grains: Vec<(u64, u64)> =
             t.iter().filter(|&(_, v)| v != 0).map(|(g, v)| (u64::from(v) * SECTOR, g)).collect();

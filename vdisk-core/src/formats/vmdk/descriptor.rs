@@ -29,7 +29,7 @@ pub(crate) const MAX_EXTENT_LINES: u64 = 1 << 18;
 
 /// Access mode of an extent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Access {
+pub(crate) enum Mode {
     /// Read-write.
     Rw,
     /// Read-only (reads as usual).
@@ -38,12 +38,12 @@ pub(crate) enum Access {
     NoAccess,
 }
 
-impl Access {
-    fn parse(s: &str) -> Option<Access> {
+impl Mode {
+    fn parse(s: &str) -> Option<Mode> {
         match s.to_ascii_uppercase().as_str() {
-            "RW" => Some(Access::Rw),
-            "RDONLY" => Some(Access::RdOnly),
-            "NOACCESS" => Some(Access::NoAccess),
+            "RW" => Some(Mode::Rw),
+            "RDONLY" => Some(Mode::RdOnly),
+            "NOACCESS" => Some(Mode::NoAccess),
             _ => None,
         }
     }
@@ -103,8 +103,8 @@ impl ExtentType {
 /// One extent line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ExtentLine {
-    /// Access mode.
-    pub(crate) access: Access,
+    /// Mode mode.
+    pub(crate) access: Mode,
     /// Size in 512-byte sectors.
     pub(crate) sectors: u64,
     /// Extent type.
@@ -191,7 +191,7 @@ pub(crate) fn parse(bytes: &[u8], what: &str) -> Result<Descriptor> {
             continue;
         }
         let (first, rest) = token(line);
-        if let Some(access) = ascii(first).and_then(Access::parse) {
+        if let Some(access) = ascii(first).and_then(Mode::parse) {
             if d.extents.len() as u64 >= MAX_EXTENT_LINES {
                 return Err(Error::limit(format!(
                     "{what} has more than {MAX_EXTENT_LINES} extent lines; vdisk refuses such a descriptor"
@@ -230,7 +230,7 @@ pub(crate) fn parse(bytes: &[u8], what: &str) -> Result<Descriptor> {
     Ok(d)
 }
 
-fn parse_extent(access: Access, rest: &[u8], line: usize, what: &str) -> Result<ExtentLine> {
+fn parse_extent(access: Mode, rest: &[u8], line: usize, what: &str) -> Result<ExtentLine> {
     let bad = |why: &str| Error::invalid(format!("{what}, line {line}: invalid extent line: {why}"));
     let (size, rest) = token(rest);
     let sectors = ascii(size).and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| bad("the size is not a number"))?;
@@ -280,7 +280,7 @@ mod tests {
         assert_eq!(d.create_type.as_deref(), Some("vmfsThin"));
         assert_eq!(d.extents.len(), 4);
         assert_eq!(d.extents[0].file, Some(Ok("my disk-flat.vmdk".into())));
-        assert_eq!((d.extents[1].access, d.extents[1].offset, d.extents[1].sectors), (Access::RdOnly, 4, 16));
+        assert_eq!((d.extents[1].access, d.extents[1].offset, d.extents[1].sectors), (Mode::RdOnly, 4, 16));
         assert_eq!((d.extents[2].kind, d.extents[2].file.clone()), (ExtentType::Zero, None));
         assert_eq!(d.extents[3].file, Some(Ok("déjà.vmdk".into())));
         assert_eq!(d.extents[3].kind, ExtentType::SeSparse);

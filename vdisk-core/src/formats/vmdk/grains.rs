@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::extent::{Extent, ExtentKind};
 use crate::image::{map_backing, Layer};
-use crate::limits::{Limits, MetadataBudget};
 use crate::io::{read_vec, ReadAt};
+use crate::limits::{Limits, MetadataBudget};
 
 /// Grain tables loaded in memory: for each directory entry, an optional table of `per_table`
 /// raw entries. Tables named by several directory entries are loaded once.
@@ -57,6 +57,14 @@ pub(crate) struct Mem<'a> {
     pub(crate) budget: &'a MetadataBudget,
 }
 
+/// Run `f` with the default limits and a fresh budget: `check` loads tables that an image opened
+/// only to be described did not load.
+pub(crate) fn with_check_mem<T>(f: impl FnOnce(Mem<'_>) -> T) -> T {
+    let limits = Limits::default();
+    let budget = MetadataBudget::new(limits.max_metadata_bytes);
+    f(Mem { limits: &limits, budget: &budget })
+}
+
 /// How to read one kind of grain table from a file.
 pub(crate) struct TableSpec<'a> {
     /// Name of the directory in messages ("grain directory", "redundant grain directory").
@@ -102,7 +110,7 @@ pub(crate) fn load_tables<E: Copy + Default>(
         }
         out_dir.push(slot);
     }
-    let total = (table_offsets.len() as u64).checked_mul(spec.per_table).unwrap_or(u64::MAX);
+    let total = (table_offsets.len() as u64).saturating_mul(spec.per_table);
     mem.limits.check_table_entries("grain tables", total)?;
     mem.budget.reserve("grain tables", total.saturating_mul(size_of::<E>() as u64))?;
     let mut entries: Vec<E> = Vec::new();
@@ -132,9 +140,9 @@ pub(crate) fn load_tables<E: Copy + Default>(
                 let at = base + usize::try_from(idx * spec.entry_bytes).unwrap_or(usize::MAX);
                 let raw = match spec.entry_bytes {
                     4 => bytes.get(at..at + 4).map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-                    _ => bytes.get(at..at + 8).map(|b| {
-                        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-                    }),
+                    _ => bytes
+                        .get(at..at + 8)
+                        .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
                 }
                 .ok_or_else(|| Error::invalid("internal error: grain table read short"))?;
                 let value = decode(toff, idx, raw)?;

@@ -246,6 +246,9 @@ pub(crate) fn parse_marker(bytes: &[u8; 16]) -> Marker {
     }
 }
 
+/// The footer marker, footer header and end-of-stream marker, one sector each.
+const FOOTER_BYTES: usize = 1536;
+
 /// Read the footer of a stream whose header says the grain directory is at the end: the last
 /// three sectors are a footer marker, a copy of the header with the real `gdOffset`, and the
 /// end-of-stream marker.
@@ -255,7 +258,7 @@ pub(crate) fn read_footer(src: &dyn ReadAt) -> Result<SparseHeader> {
         .checked_sub(3 * SECTOR)
         .filter(|&a| a >= SECTOR)
         .ok_or_else(|| Error::invalid("stream footer: the file is too small to hold the footer"))?;
-    let mut buf = [0u8; 3 * SECTOR as usize];
+    let mut buf = [0u8; FOOTER_BYTES];
     read_exact(src, &mut buf, at, "stream footer")?;
     let mut m = [0u8; 16];
     m.copy_from_slice(&buf[..16]);

@@ -16,7 +16,7 @@
 //! through the reference policy. A sparse, COWD or seSparse extent opened on its own reads as a
 //! disk of its own capacity.
 //!
-//! Access modes: RW and RDONLY extents read the same. VMware documents NOACCESS only as "no
+//! Mode modes: RW and RDONLY extents read the same. VMware documents NOACCESS only as "no
 //! access" to the extent: its content is not meant to be read at all, so reading it as zeros
 //! would silently put a hole in the disk. vdisk refuses to open such an image for reading
 //! (describing it still works).
@@ -40,7 +40,7 @@ use crate::info::{CheckReport, ImageInfo};
 use crate::io::{read_vec, ReadAt};
 
 use cowd::{CowdExtent, COWD_MAGIC};
-use descriptor::{Access, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
+use descriptor::{Descriptor, ExtentLine, ExtentType, Mode, NO_PARENT_CID};
 use grains::{map_grains, push_merged, GrainLookup};
 use header::{read_footer, read_sparse_header, KDMV_MAGIC, SECTOR};
 use sesparse::{SeSparseExtent, SESPARSE_MAGIC};
@@ -313,7 +313,10 @@ impl VmdkImage {
         let mut start = 0u64;
         for line in &d.extents {
             let len = line.sectors.checked_mul(SECTOR).ok_or_else(|| {
-                Error::invalid(format!("descriptor, line {}: extent size {} sectors overflows", line.line, line.sectors))
+                Error::invalid(format!(
+                    "descriptor, line {}: extent size {} sectors overflows",
+                    line.line, line.sectors
+                ))
             })?;
             let next = start.checked_add(len).ok_or_else(|| Error::invalid("descriptor: extent sizes overflow"))?;
             ctx.limits().check_virtual_size(next)?;
@@ -357,7 +360,7 @@ impl VmdkImage {
         if ctx.describe_only {
             return Ok((name, ExtentData::Unopened));
         }
-        if line.access == Access::NoAccess {
+        if line.access == Mode::NoAccess {
             return Err(Error::unsupported(format!(
                 "descriptor, line {}: the extent is NOACCESS; VMware allows no reads from it, so its content is unknown",
                 line.line
@@ -389,7 +392,15 @@ impl VmdkImage {
 
 /// Map `rel..rel + len` of a FLAT extent at virtual `base`: holes in the file read as zeros,
 /// and so does anything past its end.
-fn map_flat(src: &dyn ReadAt, file: FileId, foff: u64, base: u64, rel: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+fn map_flat(
+    src: &dyn ReadAt,
+    file: FileId,
+    foff: u64,
+    base: u64,
+    rel: u64,
+    len: u64,
+    out: &mut Vec<Extent>,
+) -> Result<()> {
     let at = foff + rel;
     let end = at + len;
     let size = src.size();
@@ -434,7 +445,9 @@ impl ImageFormat for VmdkImage {
         let len = len.min(e.len - rel);
         let parent = self.parent.as_deref();
         match &e.data {
-            ExtentData::Flat { file, src, offset: foff } => map_flat(src.as_ref(), *file, *foff, e.start, rel, len, out),
+            ExtentData::Flat { file, src, offset: foff } => {
+                map_flat(src.as_ref(), *file, *foff, e.start, rel, len, out)
+            }
             ExtentData::Zero => {
                 let first = out.len();
                 push_merged(out, first, Extent::new(offset, len, ExtentKind::Zero { layer: 0 }));
@@ -497,13 +510,17 @@ impl ImageFormat for VmdkImage {
         );
     }
 
+    fn backing_layer(&self) -> Option<&Layer> {
+        self.parent.as_deref()
+    }
+
     fn check(&self, report: &mut CheckReport) -> Result<()> {
         for (i, e) in self.extents.iter().enumerate() {
             let name = e.name.clone().unwrap_or_else(|| format!("extent {i}"));
             match &e.data {
-                ExtentData::Sparse(s) if s.loaded() => s.check(&name, report)?,
-                ExtentData::Cowd(c) if c.loaded() => c.check(&name, report),
-                ExtentData::SeSparse(s) if s.loaded() => s.check(&name, report),
+                ExtentData::Sparse(s) => s.check(&name, report)?,
+                ExtentData::Cowd(c) => c.check(&name, report),
+                ExtentData::SeSparse(s) => s.check(&name, report),
                 _ => {}
             }
         }

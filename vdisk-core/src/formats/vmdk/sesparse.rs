@@ -19,7 +19,7 @@ use crate::image::OpenContext;
 use crate::info::CheckReport;
 use crate::io::{read_exact, ReadAt};
 
-use super::grains::{load_tables, read_directory, GrainLookup, GrainTables, Mem, TableSpec};
+use super::grains::{load_tables, read_directory, with_check_mem, GrainLookup, GrainTables, Mem, TableSpec};
 use super::header::SECTOR;
 
 /// The constant header magic.
@@ -126,8 +126,18 @@ pub(crate) struct SeSparseExtent {
     src: Arc<dyn ReadAt>,
     /// Decoded entries: 0 unallocated, [`ZERO_ENTRY`], else the grain's byte offset.
     tables: Option<GrainTables<u64>>,
-    /// Grains area (byte offset, byte length), for `check`.
-    grains_area: (u64, u64),
+    layout: Layout,
+}
+
+/// Where the areas of an seSparse file are (bytes).
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    gd_off: u64,
+    gd_entries: u64,
+    gt_off: u64,
+    gt_count: u64,
+    grains_off: u64,
+    grains_len: u64,
 }
 
 fn bytes(v: u64, what: &str) -> Result<u64> {
@@ -139,7 +149,8 @@ impl SeSparseExtent {
     pub(crate) fn open(ctx: &OpenContext<'_>, src: Arc<dyn ReadAt>, file: FileId) -> Result<SeSparseExtent> {
         let mut buf = [0u8; 512];
         read_exact(src.as_ref(), &mut buf, 0, "seSparse header")?;
-        let h = RawConstHeader::ref_from_bytes(&buf[..]).map_err(|_| Error::invalid("seSparse header: cannot be read"))?;
+        let h =
+            RawConstHeader::ref_from_bytes(&buf[..]).map_err(|_| Error::invalid("seSparse header: cannot be read"))?;
         if h.magic.get() != SESPARSE_MAGIC {
             return Err(Error::invalid("seSparse header at 0x0: bad magic"));
         }
@@ -187,12 +198,18 @@ impl SeSparseExtent {
                 "seSparse grain directory at {gd_off:#x}: {gd_entries_max} entries cannot cover {capacity:#x} bytes"
             )));
         }
-        let mut ext = SeSparseExtent { capacity, file, src, tables: None, grains_area: (grains_off, grains_len) };
-        if ctx.describe_only || needed == 0 {
-            return Ok(ext);
+        let layout = Layout { gd_off, gd_entries: needed, gt_off, gt_count, grains_off, grains_len };
+        let mut ext = SeSparseExtent { capacity, file, src, tables: None, layout };
+        if !ctx.describe_only {
+            ext.tables = Some(ext.load(Mem { limits: ctx.limits(), budget: &ctx.budget })?);
         }
-        let mem = Mem { limits: ctx.limits(), budget: &ctx.budget };
-        let src = ext.src.as_ref();
+        Ok(ext)
+    }
+
+    /// Read the directory and tables, validating every entry.
+    fn load(&self, mem: Mem<'_>) -> Result<GrainTables<u64>> {
+        let Layout { gd_off, gd_entries: needed, gt_off, gt_count, grains_off, grains_len } = self.layout;
+        let src = self.src.as_ref();
         let raw = read_directory(mem, src, gd_off, needed, 8, "seSparse grain directory")?;
         let mut dir = Vec::with_capacity(raw.len());
         for (i, &e) in raw.iter().enumerate() {
@@ -212,10 +229,9 @@ impl SeSparseExtent {
         let grain_bytes = GRAIN_SECTORS * SECTOR;
         let grain_count = grains_len / grain_bytes;
         let spec = TableSpec { what: "seSparse grain directory", per_table: GTES_PER_GT, entry_bytes: 8 };
-        ext.tables = Some(load_tables(mem, src, &spec, &dir, |toff, idx, e| {
-            let bad = |why: &str| {
-                Error::invalid(format!("seSparse grain table at {toff:#x}, entry {idx}: {e:#018x} {why}"))
-            };
+        load_tables(mem, src, &spec, &dir, |toff, idx, e| {
+            let bad =
+                |why: &str| Error::invalid(format!("seSparse grain table at {toff:#x}, entry {idx}: {e:#018x} {why}"));
             match e >> 60 {
                 GTE_UNALLOCATED if e == 0 => Ok(0),
                 GTE_UNALLOCATED => Err(bad("is unallocated but not zero")),
@@ -233,21 +249,25 @@ impl SeSparseExtent {
                 }
                 _ => Err(bad("has an unknown type")),
             }
-        })?);
-        Ok(ext)
-    }
-
-    pub(crate) fn loaded(&self) -> bool {
-        self.tables.is_some()
+        })
     }
 
     /// Grains that extend past the end of the file or are used twice.
     pub(crate) fn check(&self, name: &str, report: &mut CheckReport) {
-        let Some(t) = &self.tables else { return };
+        let loaded;
+        let t = match &self.tables {
+            Some(t) => t,
+            None => match with_check_mem(|m| self.load(m)) {
+                Ok(t) => {
+                    loaded = t;
+                    &loaded
+                }
+                Err(e) => return report.corruption(format!("{name}: {e}")),
+            },
+        };
         let size = self.src.size();
         let gb = GRAIN_SECTORS * SECTOR;
-        let mut grains: Vec<(u64, u64)> =
-            t.iter().filter(|&(_, v)| v > ZERO_ENTRY).map(|(g, v)| (v, g)).collect();
+        let mut grains: Vec<(u64, u64)> = t.iter().filter(|&(_, v)| v > ZERO_ENTRY).map(|(g, v)| (v, g)).collect();
         grains.sort_unstable();
         let mut prev: Option<u64> = None;
         for &(off, g) in &grains {
@@ -259,7 +279,6 @@ impl SeSparseExtent {
             }
             prev = Some(off);
         }
-        let _ = self.grains_area;
     }
 }
 

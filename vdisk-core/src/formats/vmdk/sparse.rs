@@ -9,7 +9,7 @@ use crate::image::OpenContext;
 use crate::info::CheckReport;
 use crate::io::{read_exact, ReadAt};
 
-use super::grains::{load_tables, read_directory, GrainLookup, GrainTables, Mem, TableSpec};
+use super::grains::{load_tables, read_directory, with_check_mem, GrainLookup, GrainTables, Mem, TableSpec};
 use super::header::{
     parse_marker, SparseHeader, GRAIN_MARKER_BYTES, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
 };
@@ -47,26 +47,30 @@ impl SparseExtent {
             ctx.limits().check_unit("compressed grain", header.grain_size)?;
         }
         let mut ext = SparseExtent { header, gd_offset, file, src, tables: None, primary_problem: None };
-        if ctx.describe_only {
-            return Ok(ext);
-        }
-        let mem = Mem { limits: ctx.limits(), budget: &ctx.budget };
-        match ext.load(mem, gd_offset, "grain directory") {
-            Ok(t) => ext.tables = Some(t),
-            Err(e) if e.kind() == ErrorKind::InvalidImage => {
-                let Some(rgd) = ext.header.rgd_offset else { return Err(e) };
-                match ext.load(mem, rgd, "redundant grain directory") {
-                    Ok(t) => {
-                        ext.tables = Some(t);
-                        ext.gd_offset = rgd;
-                        ext.primary_problem = Some(e.to_string());
-                    }
-                    Err(_) => return Err(e),
-                }
-            }
-            Err(e) => return Err(e),
+        if !ctx.describe_only {
+            let (tables, gd, problem) = ext.load_any(Mem { limits: ctx.limits(), budget: &ctx.budget })?;
+            ext.tables = Some(tables);
+            ext.gd_offset = gd;
+            ext.primary_problem = problem;
         }
         Ok(ext)
+    }
+
+    /// Load the primary directory, or the redundant one when the primary is damaged: the tables,
+    /// the directory's offset, and the primary's problem when the redundant one is used.
+    fn load_any(&self, mem: Mem<'_>) -> Result<(GrainTables<u32>, u64, Option<String>)> {
+        let primary = self.header.gd_offset.unwrap_or(self.gd_offset);
+        match self.load(mem, primary, "grain directory") {
+            Ok(t) => Ok((t, primary, None)),
+            Err(e) if e.kind() == ErrorKind::InvalidImage => {
+                let Some(rgd) = self.header.rgd_offset else { return Err(e) };
+                match self.load(mem, rgd, "redundant grain directory") {
+                    Ok(t) => Ok((t, rgd, Some(e.to_string()))),
+                    Err(_) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Load the directory at `gd_offset` and every table it names, validating each entry.
@@ -116,11 +120,6 @@ impl SparseExtent {
         self.header.grain_size
     }
 
-    /// Whether the tables are loaded (false when describing only).
-    pub(crate) fn loaded(&self) -> bool {
-        self.tables.is_some()
-    }
-
     /// Metadata byte ranges: header, descriptor, directories and tables in use.
     fn metadata_ranges(&self, tables: &GrainTables<u32>) -> Vec<(u64, u64, &'static str)> {
         let h = &self.header;
@@ -141,10 +140,24 @@ impl SparseExtent {
     /// Check the tables: grains outside the file, overlapping metadata or each other, the
     /// redundant directory against the primary, and leaked grains.
     pub(crate) fn check(&self, name: &str, report: &mut CheckReport) -> Result<()> {
-        let Some(tables) = &self.tables else { return Ok(()) };
+        let loaded;
+        let (tables, primary_problem) = match &self.tables {
+            Some(t) => (t, self.primary_problem.clone()),
+            None => match with_check_mem(|m| self.load_any(m)) {
+                Ok((t, _, p)) => {
+                    loaded = t;
+                    (&loaded, p)
+                }
+                Err(e) => {
+                    report.corruption(format!("{name}: {e}"));
+                    return Ok(());
+                }
+            },
+        };
         let h = &self.header;
-        if let Some(p) = &self.primary_problem {
-            report.corruption(format!("{name}: the primary grain directory is damaged ({p}); the redundant one is used"));
+        if let Some(p) = &primary_problem {
+            report
+                .corruption(format!("{name}: the primary grain directory is damaged ({p}); the redundant one is used"));
         } else if let Some(rgd) = h.rgd_offset {
             // Both copies should agree; a difference means one of them was not updated.
             let ctx_free = compare_directories(self, tables, rgd);
@@ -235,7 +248,9 @@ impl SparseExtent {
                             ));
                         }
                     }
-                    Err(_) => report.leak(format!("{name}: the grain marker at {pos:#x} is used by no grain table entry")),
+                    Err(_) => {
+                        report.leak(format!("{name}: the grain marker at {pos:#x} is used by no grain table entry"))
+                    }
                 }
                 pos = (pos + GRAIN_MARKER_BYTES + u64::from(m.size)).div_ceil(SECTOR) * SECTOR;
                 continue;
