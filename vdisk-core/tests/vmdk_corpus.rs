@@ -3,8 +3,9 @@
 //! other without panicking. `vdisk info` is compared with qemu-img's recorded JSON where qemu
 //! could read the file.
 //!
-//! The corpus folder is `$VDISK_CORPUS` or `../shared/corpus` beside the repository; without it
-//! the test prints one SKIP line.
+//! The corpus is `../shared/corpus` beside the repository (or `$VDISK_CORPUS_SOURCE`); the images
+//! are unpacked from it, or read from `$VDISK_CORPUS` when that names an unpacked copy. Without
+//! it the test prints one SKIP line.
 
 mod common;
 
@@ -13,8 +14,10 @@ use std::process::Command;
 
 use vdisk_core::{Image, OpenOptions, ReferencePolicy};
 
-fn corpus_dir() -> Option<PathBuf> {
-    let dir = match std::env::var_os("VDISK_CORPUS") {
+/// The corpus source folder (`corpus.tar.xz`, `expected.tsv`, `qemu-info.tar.xz`):
+/// `$VDISK_CORPUS_SOURCE`, else `../shared/corpus` beside the repository.
+fn corpus_source() -> Option<PathBuf> {
+    let dir = match std::env::var_os("VDISK_CORPUS_SOURCE") {
         Some(d) => PathBuf::from(d),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus"),
     };
@@ -81,12 +84,18 @@ fn strip(v: &serde_json::Value) -> serde_json::Value {
 
 #[test]
 fn corpus_vmdk_rows() {
-    let Some(dir) = corpus_dir() else {
-        eprintln!("SKIP: corpus not found (set VDISK_CORPUS or provide ../shared/corpus)");
+    let Some(dir) = corpus_source() else {
+        eprintln!("SKIP: corpus not found (../shared/corpus or $VDISK_CORPUS_SOURCE)");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    unpack(&dir, tmp.path());
+    let images = match std::env::var_os("VDISK_CORPUS") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            unpack(&dir, tmp.path());
+            tmp.path().to_path_buf()
+        }
+    };
     let qinfo = tempfile::tempdir().unwrap();
     let have_qinfo = dir.join("qemu-info.tar.xz").is_file()
         && Command::new("tar")
@@ -101,7 +110,7 @@ fn corpus_vmdk_rows() {
     assert!(rows.len() >= 20, "expected the VMDK rows of expected.tsv, found {}", rows.len());
     let mut failures = Vec::new();
     for row in &rows {
-        let path = tmp.path().join(&row.name);
+        let path = images.join(&row.name);
         let opts = open_opts(&row.flags);
         let opened = Image::open(&path, &opts);
         let result: Result<(String, u64), String> = opened.map_err(|e| e.to_string()).and_then(|img| {

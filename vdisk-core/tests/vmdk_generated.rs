@@ -794,3 +794,64 @@ fn hostile_sparse_extents() {
     let p = write(dir.path(), "shared-gt.vmdk", &b);
     Image::open(&p, &Default::default()).unwrap();
 }
+
+/// Writes the committed fixtures of `testdata/vmdk/` into `$VMDK_FIXTURE_DIR` (run by
+/// `testdata/vmdk/make.sh`): a monolithicSparse with 4 KiB grains, zeroed-grain entries and a
+/// redundant directory; a VMware-style streamOptimized; an seSparse descriptor and its extent.
+/// Each is checked here against the content it was built from.
+#[test]
+#[ignore = "writes fixtures; run by testdata/vmdk/make.sh"]
+fn write_fixtures() {
+    let Some(dir) = std::env::var_os("VMDK_FIXTURE_DIR").map(PathBuf::from) else {
+        panic!("set VMDK_FIXTURE_DIR");
+    };
+    let pattern = |seed: u64, n: usize| -> Vec<u8> {
+        let mut rng = Rng::new(seed);
+        let mut v = vec![0u8; n];
+        for chunk in v.chunks_mut(512) {
+            chunk.fill((rng.below(200) + 1) as u8);
+            chunk[..8].copy_from_slice(&rng.next().to_le_bytes());
+        }
+        v
+    };
+    // 256 KiB, 4 KiB grains: data, zeroed and unallocated grains.
+    let grain = 4096;
+    let gs: Vec<G> = (0..64)
+        .map(|i| match i % 16 {
+            0 | 5 => G::Data(pattern(i, grain)),
+            1 | 9 => G::Zero,
+            _ => G::Unalloc,
+        })
+        .collect();
+    let d = descriptor("monolithicSparse", 0x5eed_0001, None, &["RW 512 SPARSE \"sparse-zeroed.vmdk\"".into()]);
+    let o = Kdmv { grain_sectors: 8, gtes: 512, capacity: 512, stream: false, rgd: true, descriptor: Some(d) };
+    let p = write(&dir, "sparse-zeroed.vmdk", &build_kdmv(&o, &gs));
+    assert_content(&p, ReferencePolicy::Deny, &expected(&gs, grain, 512 * SECTOR, None));
+    // 1 MiB + 3 sectors streamOptimized, 64 KiB grains, grain directory at the end.
+    let grain = 65536;
+    let capacity = 2048 + 3;
+    let gs: Vec<G> = (0..17)
+        .map(|i| if i % 3 == 0 { G::Data(pattern(100 + i, grain)) } else { G::Unalloc })
+        .collect();
+    let d = descriptor("streamOptimized", 0x5eed_0002, None, &[format!("RW {capacity} SPARSE \"disk1.vmdk\"")]);
+    let o = Kdmv { grain_sectors: 128, gtes: 512, capacity, stream: true, rgd: false, descriptor: Some(d) };
+    let p = write(&dir, "stream-vmware.vmdk", &build_kdmv(&o, &gs));
+    assert_content(&p, ReferencePolicy::Deny, &expected(&gs, grain, capacity as usize * SECTOR, None));
+    // seSparse: 1 MiB, 4 KiB grains, a few of each entry type.
+    let capacity = 2048u64;
+    let gs: Vec<G> = (0..256)
+        .map(|i| match i % 9 {
+            _ if i % 100 == 0 => G::Data(pattern(200 + i, 4096)),
+            4 => G::Zero,
+            _ => G::Unalloc,
+        })
+        .collect();
+    write(&dir, "sesparse-extent.vmdk", &build_sesparse(capacity, &gs, 0, false));
+    let d = descriptor("seSparse", 0x5eed_0003, None, &[format!("RW {capacity} SESPARSE \"sesparse-extent.vmdk\"")]);
+    let p = write(&dir, "sesparse.vmdk", d.as_bytes());
+    assert_content(&p, ReferencePolicy::SameDir, &expected(&gs, 4096, capacity as usize * SECTOR, None));
+    for f in ["sparse-zeroed.vmdk", "stream-vmware.vmdk", "sesparse-extent.vmdk", "sesparse.vmdk"] {
+        let len = std::fs::metadata(dir.join(f)).unwrap().len();
+        assert!(len < 64 << 10, "{f} is {len} bytes");
+    }
+}
