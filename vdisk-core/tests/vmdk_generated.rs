@@ -830,9 +830,7 @@ fn write_fixtures() {
     // 1 MiB + 3 sectors streamOptimized, 64 KiB grains, grain directory at the end.
     let grain = 65536;
     let capacity = 2048 + 3;
-    let gs: Vec<G> = (0..17)
-        .map(|i| if i % 3 == 0 { G::Data(pattern(100 + i, grain)) } else { G::Unalloc })
-        .collect();
+    let gs: Vec<G> = (0..17).map(|i| if i % 3 == 0 { G::Data(pattern(100 + i, grain)) } else { G::Unalloc }).collect();
     let d = descriptor("streamOptimized", 0x5eed_0002, None, &[format!("RW {capacity} SPARSE \"disk1.vmdk\"")]);
     let o = Kdmv { grain_sectors: 128, gtes: 512, capacity, stream: true, rgd: false, descriptor: Some(d) };
     let p = write(&dir, "stream-vmware.vmdk", &build_kdmv(&o, &gs));

@@ -209,7 +209,8 @@ pub(crate) fn parse(bytes: &[u8], what: &str) -> Result<Descriptor> {
         let value = String::from_utf8_lossy(&line[eq + 1..]);
         let bad = |k: &str| Error::invalid(format!("{what}, line {line_no}: invalid {k} value '{}'", value.trim()));
         match key.as_str() {
-            "version" => d.version = Some(unquote(&value).parse().map_err(|_| bad("version"))?),
+            // The version is informational: a value vdisk cannot parse does not stop the read.
+            "version" => d.version = unquote(&value).parse().ok(),
             "cid" => d.cid = Some(parse_cid(&value).ok_or_else(|| bad("CID"))?),
             "parentcid" => d.parent_cid = Some(parse_cid(&value).ok_or_else(|| bad("parentCID"))?),
             "createtype" => d.create_type = Some(unquote(&value).to_string()),

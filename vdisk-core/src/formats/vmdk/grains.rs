@@ -249,6 +249,13 @@ pub(crate) fn map_grains(
     let table = rel / span;
     let stop = end.min(g.covered()).min((table + 1).saturating_mul(span));
     if !g.has_table(table) {
+        // Runs of absent tables are one unallocated extent.
+        let mut t = table + 1;
+        let mut stop = stop;
+        while stop < end.min(g.covered()) && !g.has_table(t) {
+            stop = end.min(g.covered()).min((t + 1).saturating_mul(span));
+            t += 1;
+        }
         return unalloc(out, rel, stop);
     }
     let gs = g.grain_size();

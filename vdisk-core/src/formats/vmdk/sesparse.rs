@@ -216,7 +216,7 @@ impl SeSparseExtent {
             dir.push(match e {
                 0 => None,
                 e if e >> 32 == GD_ALLOCATED_TAG && (e & 0xffff_ffff) < gt_count => {
-                    Some(gt_off + (e & 0xffff_ffff) * GT_SECTORS * SECTOR)
+                    Some(gt_off.saturating_add((e & 0xffff_ffff) * GT_SECTORS * SECTOR))
                 }
                 e => {
                     return Err(Error::invalid(format!(
@@ -241,7 +241,7 @@ impl SeSparseExtent {
                     if index >= grain_count {
                         return Err(bad("names a grain outside the grains area"));
                     }
-                    let off = grains_off + index * grain_bytes;
+                    let off = grains_off.saturating_add(index * grain_bytes);
                     if off >= size {
                         return Err(bad("names a grain past the end of the file (truncated image?)"));
                     }
