@@ -123,18 +123,14 @@ impl CowdExtent {
     fn load(&self, mem: Mem<'_>) -> Result<GrainTables<u32>> {
         let (gd_offset, needed) = (self.gd_offset, self.gd_entries);
         let src = self.src.as_ref();
-        let raw = read_directory(mem, src, gd_offset, needed, 4, "COWD grain directory")?;
-        let mut dir = Vec::with_capacity(raw.len());
-        for (i, &e) in raw.iter().enumerate() {
-            dir.push(match e {
-                0 => None,
-                s if s * SECTOR < 2048 => {
-                    return Err(Error::invalid(format!(
-                    "COWD grain directory at {gd_offset:#x}, entry {i}: grain table at sector {s} overlaps the header"
-                )))
-                }
-                s => Some(s * SECTOR),
-            });
+        let mut dir = read_directory(mem, src, gd_offset, needed, 4, "COWD grain directory")?;
+        for (i, e) in dir.iter_mut().enumerate() {
+            *e *= SECTOR;
+            if *e != 0 && *e < 2048 {
+                return Err(Error::invalid(format!(
+                    "COWD grain directory at {gd_offset:#x}, entry {i}: grain table at {e:#x} overlaps the header"
+                )));
+            }
         }
         let size = src.size();
         let spec = TableSpec { what: "COWD grain directory", per_table: GTES_PER_GT, entry_bytes: 4 };

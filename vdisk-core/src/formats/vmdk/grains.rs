@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::extent::{Extent, ExtentKind};
 use crate::image::{map_backing, Layer};
-use crate::io::{read_vec, ReadAt};
+use crate::io::{read_vec, to_usize, ReadAt};
 use crate::limits::{Limits, MetadataBudget};
 
 /// Grain tables loaded in memory: for each directory entry, an optional table of `per_table`
@@ -75,14 +75,14 @@ pub(crate) struct TableSpec<'a> {
     pub(crate) entry_bytes: u64,
 }
 
-/// Load tables for directory entries `dir` (each already resolved to a table byte offset, or None),
+/// Load tables for directory entries `dir` (each already resolved to a table byte offset, 0 for none),
 /// checking that each table lies inside the file, then decode and validate each entry with
 /// `decode(table_offset, index_in_table, raw) -> entry`.
 pub(crate) fn load_tables<E: Copy + Default>(
     mem: Mem<'_>,
     src: &dyn ReadAt,
     spec: &TableSpec<'_>,
-    dir: &[Option<u64>],
+    dir: &[u64],
     mut decode: impl FnMut(u64, u64, u64) -> Result<E>,
 ) -> Result<GrainTables<E>> {
     let table_bytes = spec.per_table * spec.entry_bytes;
@@ -90,11 +90,12 @@ pub(crate) fn load_tables<E: Copy + Default>(
     let mut out_dir = Vec::new();
     out_dir.try_reserve_exact(dir.len()).map_err(|_| Error::limit(format!("{} does not fit in memory", spec.what)))?;
     let mut table_offsets = Vec::new();
-    for (i, entry) in dir.iter().enumerate() {
-        let Some(off) = *entry else {
+    mem.budget.reserve(spec.what, (dir.len() as u64).saturating_mul(4))?;
+    for (i, &off) in dir.iter().enumerate() {
+        if off == 0 {
             out_dir.push(0);
             continue;
-        };
+        }
         let end = off.checked_add(table_bytes).filter(|&e| e <= src.size()).ok_or_else(|| {
             Error::invalid(format!(
                 "{} entry {i}: grain table at {off:#x} (+{table_bytes:#x}) lies past the end of the file ({:#x} bytes)",
@@ -179,16 +180,17 @@ pub(crate) fn read_directory(
             src.size()
         )));
     }
-    mem.budget.reserve(what, bytes)?;
+    // The raw bytes and the decoded entries are both held for a moment.
+    mem.budget.reserve(what, bytes.saturating_add(n.saturating_mul(8)))?;
     let raw = read_vec(src, offset, bytes, what)?;
-    Ok(raw
-        .chunks_exact(usize::try_from(entry_bytes).unwrap_or(4))
-        .map(|c| {
-            let mut b = [0u8; 8];
-            b[..c.len()].copy_from_slice(c);
-            u64::from_le_bytes(b)
-        })
-        .collect())
+    let mut out = Vec::new();
+    out.try_reserve_exact(to_usize(n, what)?).map_err(|_| Error::limit(format!("{what} does not fit in memory")))?;
+    out.extend(raw.chunks_exact(to_usize(entry_bytes, what)?).map(|c| {
+        let mut b = [0u8; 8];
+        b[..c.len()].copy_from_slice(c);
+        u64::from_le_bytes(b)
+    }));
+    Ok(out)
 }
 
 /// One extent kind's view of its grains, for [`map_grains`].

@@ -310,6 +310,7 @@ impl VmdkImage {
             return Err(Error::invalid("VMDK descriptor lists no extent: there is no data to read"));
         }
         let mut extents = Vec::with_capacity(d.extents.len());
+        let mut files = OpenFiles::default();
         let mut start = 0u64;
         for line in &d.extents {
             let len = line.sectors.checked_mul(SECTOR).ok_or_else(|| {
@@ -320,7 +321,7 @@ impl VmdkImage {
             })?;
             let next = start.checked_add(len).ok_or_else(|| Error::invalid("descriptor: extent sizes overflow"))?;
             ctx.limits().check_virtual_size(next)?;
-            let (name, data) = Self::open_extent(ctx, line, path)?;
+            let (name, data) = Self::open_extent(ctx, line, path, &mut files)?;
             extents.push(VExtent { start, len, name, type_name: line.kind.as_str(), data });
             start = next;
         }
@@ -342,6 +343,7 @@ impl VmdkImage {
         ctx: &mut OpenContext<'_>,
         line: &ExtentLine,
         path: Option<&Path>,
+        files: &mut OpenFiles,
     ) -> Result<(Option<String>, ExtentData)> {
         let at = |msg: String| Error::invalid(format!("descriptor, line {}: {msg}", line.line));
         if matches!(line.kind, ExtentType::VmfsRdm | ExtentType::VmfsRaw) {
@@ -370,7 +372,7 @@ impl VmdkImage {
             (ExtentType::Zero, _) => ExtentData::Zero,
             (_, None) => return Err(at("the extent has no file name".into())),
             (ExtentType::Flat | ExtentType::Vmfs, Some(n)) => {
-                let (file, src, _) = ctx.open_reference_file(path, n, "extent")?;
+                let (file, src) = files.open(ctx, path, n)?;
                 let offset = line.offset.checked_mul(SECTOR).ok_or_else(|| at("the extent offset overflows".into()))?;
                 let need = line.sectors.saturating_mul(SECTOR).saturating_add(offset);
                 if src.size() < need {
@@ -382,11 +384,31 @@ impl VmdkImage {
                 ExtentData::Flat { file, src, offset }
             }
             (_, Some(n)) => {
-                let (file, src, _) = ctx.open_reference_file(path, n, "extent")?;
+                let (file, src) = files.open(ctx, path, n)?;
                 open_sparse_file(ctx, src, file, n).map_err(|e| e.context(format!("extent '{n}'")))?
             }
         };
         Ok((name, data))
+    }
+}
+
+/// Extent files already opened for one descriptor, so a name listed many times is opened once.
+#[derive(Default)]
+struct OpenFiles(std::collections::HashMap<String, (FileId, Arc<dyn ReadAt>)>);
+
+impl OpenFiles {
+    fn open(
+        &mut self,
+        ctx: &mut OpenContext<'_>,
+        path: Option<&Path>,
+        name: &str,
+    ) -> Result<(FileId, Arc<dyn ReadAt>)> {
+        if let Some((f, s)) = self.0.get(name) {
+            return Ok((*f, s.clone()));
+        }
+        let (file, src, _) = ctx.open_reference_file(path, name, "extent")?;
+        self.0.insert(name.to_string(), (file, src.clone()));
+        Ok((file, src))
     }
 }
 

@@ -210,20 +210,19 @@ impl SeSparseExtent {
     fn load(&self, mem: Mem<'_>) -> Result<GrainTables<u64>> {
         let Layout { gd_off, gd_entries: needed, gt_off, gt_count, grains_off, grains_len } = self.layout;
         let src = self.src.as_ref();
-        let raw = read_directory(mem, src, gd_off, needed, 8, "seSparse grain directory")?;
-        let mut dir = Vec::with_capacity(raw.len());
-        for (i, &e) in raw.iter().enumerate() {
-            dir.push(match e {
-                0 => None,
-                e if e >> 32 == GD_ALLOCATED_TAG && (e & 0xffff_ffff) < gt_count => {
-                    Some(gt_off.saturating_add((e & 0xffff_ffff) * GT_SECTORS * SECTOR))
+        let mut dir = read_directory(mem, src, gd_off, needed, 8, "seSparse grain directory")?;
+        for (i, e) in dir.iter_mut().enumerate() {
+            *e = match *e {
+                0 => 0,
+                v if v >> 32 == GD_ALLOCATED_TAG && (v & 0xffff_ffff) < gt_count => {
+                    gt_off.saturating_add((v & 0xffff_ffff) * GT_SECTORS * SECTOR)
                 }
-                e => {
+                v => {
                     return Err(Error::invalid(format!(
-                        "seSparse grain directory at {gd_off:#x}, entry {i}: {e:#018x} is not a valid grain table reference"
+                        "seSparse grain directory at {gd_off:#x}, entry {i}: {v:#018x} is not a valid grain table reference"
                     )))
                 }
-            });
+            };
         }
         let size = src.size();
         let grain_bytes = GRAIN_SECTORS * SECTOR;

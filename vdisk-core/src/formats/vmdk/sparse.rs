@@ -81,22 +81,9 @@ impl SparseExtent {
             return Err(Error::invalid(format!("{what} at {gd_offset:#x} overlaps the sparse header")));
         }
         let n = h.gd_entries();
-        let raw = read_directory(mem, src, gd_offset, n, 4, what)?;
-        let mut dir = Vec::with_capacity(raw.len());
-        for (i, &e) in raw.iter().enumerate() {
-            dir.push(match e {
-                0 => None,
-                s => {
-                    let off = s * SECTOR;
-                    if off < SECTOR {
-                        return Err(Error::invalid(format!(
-                            "{what} at {gd_offset:#x}, entry {i}: grain table at sector {s} overlaps the header"
-                        )));
-                    }
-                    Some(off)
-                }
-            });
-        }
+        let mut dir = read_directory(mem, src, gd_offset, n, 4, what)?;
+        // Sector offsets are u32 on disk, so the byte offsets cannot overflow; 0 stays "no table".
+        dir.iter_mut().for_each(|e| *e *= SECTOR);
         let size = src.size();
         let zeroed = h.zeroed_grains;
         let spec = TableSpec { what, per_table: u64::from(h.gtes_per_gt), entry_bytes: 4 };
