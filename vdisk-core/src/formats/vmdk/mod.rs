@@ -20,6 +20,17 @@
 //! access" to the extent: its content is not meant to be read at all, so reading it as zeros
 //! would silently put a hole in the disk. vdisk refuses to open such an image for reading
 //! (describing it still works).
+//!
+//! Where vdisk deliberately differs from qemu-img 10:
+//! - qemu skips extent lines that are not RW (RDONLY, NOACCESS) and ZERO lines, which shifts every
+//!   later extent; vdisk reads RDONLY extents in place and ZERO extents as zeros.
+//! - qemu refuses createType vmfsThin, vmfsEagerZeroedThick, vmfsPreallocated and other types it
+//!   does not list; vdisk goes by the extents and refuses only device types (raw device mappings).
+//! - qemu reads the primary grain directory only; vdisk falls back to the redundant one when the
+//!   primary names tables or grains outside the file.
+//! - qemu reads grains or FLAT bytes past the end of a (truncated) file as zeros; vdisk refuses
+//!   such an image at open.
+//! - holes of a FLAT extent file map as zero (qemu's map calls them data).
 
 mod cowd;
 mod descriptor;
