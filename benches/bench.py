@@ -146,7 +146,8 @@ def main() -> None:
     ap.add_argument("--disks", default="4G:1G", help="comma-separated DISK:DATA sizes (default 4G:1G)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", default="all", help="comma-separated subset of: " + ",".join(v[0] for v in VARIANTS))
-    ap.add_argument("--work", type=Path, default=ROOT / "benches" / "work")
+    ap.add_argument("--work", type=Path, default=ROOT / "benches" / "work", help="where images are made")
+    ap.add_argument("--target-dir", type=Path, default=None, help="where outputs are written (default: --work; e.g. /dev/shm to take the disk out)")
     ap.add_argument("--threads", type=int, default=None, help="vdisk --threads (default: all cores)")
     ap.add_argument("--record", action="store_true", help="append the results to benches/RESULTS.md")
     args = ap.parse_args()
@@ -156,7 +157,7 @@ def main() -> None:
     print("building vdisk (release)", flush=True)
     run(["cargo", "build", "--release", "-q", "-p", "vdisk-cli"], cwd=ROOT)
     vdisk = str(ROOT / "target" / "release" / "vdisk")
-    out = args.work / "out.raw"
+    out = (args.target_dir or args.work) / "out.raw"
 
     lines = [f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.rounds} rounds", "", machine(), ""]
     header = "| disk | variant | image size | vdisk median s | qemu-img median s | ratio | vdisk peak RSS | qemu-img peak RSS |"
@@ -182,11 +183,20 @@ def main() -> None:
         row = f"| {disk_s}/{data_s} | cp --sparse=always (raw) | {human(raw.stat().st_blocks * 512)} | {statistics.median(cp_times):.2f} | | | | |"
         print(row, flush=True)
         lines.append(row)
+        # Make every variant first, then let writeback settle, so no measurement overlaps the
+        # flushing of a just-written image.
+        images = {}
         for name, fmt, opts in chosen:
             image = raw if opts is None else args.work / f"{raw.stem}.{name}"
             if opts is not None and not image.exists():
+                print(f"  making {image.name}", flush=True)
                 run(["qemu-img", "convert", "-f", "raw", *opts, str(raw), str(image) + ".tmp"])
                 os.rename(str(image) + ".tmp", image)
+            images[name] = image
+        os.sync()
+        time.sleep(2)
+        for name, fmt, opts in chosen:
+            image = images[name]
             ours, theirs, rss_ours, rss_theirs = [], [], [], []
             vcmd = [vdisk, "convert", "-f", fmt, "-O", "raw", str(image), str(out)]
             if args.threads:
