@@ -9,6 +9,16 @@ use vdisk_core::{convert, ConvertOptions, Image};
 use crate::common::OpenArgs;
 use crate::progress::ProgressPrinter;
 
+/// Target cache modes (qemu-img's `-t`): `writeback` goes through the page cache; `none` uses
+/// `O_DIRECT` for aligned writes and syncs at the end; `unsafe` is accepted as `writeback`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum CacheMode {
+    #[default]
+    Writeback,
+    None,
+    Unsafe,
+}
+
 /// Output formats: vdisk writes raw content; `host_device` additionally requires a block device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 enum OutputFormat {
@@ -28,6 +38,9 @@ pub struct Args {
     /// Show progress (a bar on a terminal, periodic lines otherwise).
     #[arg(short = 'p')]
     progress: bool,
+    /// Target cache mode: writeback (default) or none (O_DIRECT).
+    #[arg(short = 't', value_enum, default_value = "writeback", value_name = "CACHE")]
+    cache: CacheMode,
     /// Use an existing target (do not create it).
     #[arg(short = 'n')]
     no_create: bool,
@@ -77,6 +90,7 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
         target_is_zero: args.target_is_zero,
         must_exist: args.no_create,
         require_device: args.output_format == OutputFormat::HostDevice,
+        direct_io: args.cache == CacheMode::None,
         progress: Some(&callback),
         cancel: Some(&INTERRUPTED),
         ..ConvertOptions::default()

@@ -105,3 +105,21 @@ fn cancellation_stops_the_copy() {
     let e = convert(&img, dir.path().join("out.raw"), &o).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Cancelled);
 }
+
+#[test]
+fn direct_io_writes_the_same_content() {
+    let dir = tempfile::tempdir().unwrap();
+    // Odd run lengths make some writes unaligned: those go through the page cache.
+    let runs: Vec<(u64, u8)> = (0..40).map(|i| (97 + i * 13, (i % 3) as u8)).collect();
+    let (src, content) = build(dir.path(), &runs, 11);
+    let img = Image::open(&src, &OpenOptions::default()).unwrap();
+    let out = dir.path().join("direct.raw");
+    let o = ConvertOptions { direct_io: true, threads: Some(3), item_size: 1 << 16, ..ConvertOptions::default() };
+    match convert(&img, &out, &o) {
+        Ok(_) => assert!(std::fs::read(&out).unwrap() == content),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            eprintln!("SKIP: this file system does not support O_DIRECT: {e}");
+        }
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rayon::iter::{ParallelBridge, ParallelIterator};
 
 use super::plan::{Planner, WorkItem};
-use super::sink::Sink;
+use super::sink::{Sink, DIRECT_ALIGN};
 use crate::decompress::ReadScratch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::Image;
@@ -34,8 +34,33 @@ struct Worker<'a> {
     image: &'a Image,
     sink: &'a Sink,
     counters: &'a Counters,
-    buf: Vec<u8>,
+    buf: AlignedBuf,
     scratch: ReadScratch,
+}
+
+/// A buffer whose start is aligned for `O_DIRECT`: a vector over-allocated by the alignment and
+/// used from its first aligned byte.
+#[derive(Default)]
+struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Make the buffer `len` bytes long (contents unspecified) and return it.
+    fn resize(&mut self, len: usize) -> &mut [u8] {
+        if self.raw.len() < len + DIRECT_ALIGN {
+            self.raw = vec![0u8; len + DIRECT_ALIGN];
+            self.start = self.raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        }
+        self.len = len;
+        &mut self.raw[self.start..self.start + len]
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
 }
 
 impl Worker<'_> {
@@ -52,11 +77,11 @@ impl Worker<'_> {
             }
             WorkItem::Data { start, len, pieces } => {
                 let n = usize::try_from(len).map_err(|_| Error::invalid("work item too large"))?;
-                self.buf.resize(n, 0);
+                let buf = self.buf.resize(n);
                 for piece in &pieces {
                     let from = usize::try_from(piece.start - start).unwrap_or(0);
                     let to = usize::try_from(piece.end() - start).unwrap_or(n);
-                    self.image.read_extent(piece, &mut self.buf[from..to], &mut self.scratch)?;
+                    self.image.read_extent(piece, &mut buf[from..to], &mut self.scratch)?;
                 }
                 self.write(start)?;
                 self.counters.done.fetch_add(len, Relaxed);
@@ -68,7 +93,7 @@ impl Worker<'_> {
     /// Write the buffer at `start`, leaving out zero granules (holes in a new file, zeroed ranges
     /// elsewhere).
     fn write(&mut self, start: u64) -> Result<()> {
-        let buf = &self.buf;
+        let buf = self.buf.get();
         let zero_needed = self.sink.zero_needed();
         let mut pos = 0;
         while pos < buf.len() {
@@ -151,7 +176,7 @@ pub(crate) fn execute(
         let items = Planner::new(image.extents(), item_size);
         pool.install(|| {
             items.par_bridge().try_for_each_init(
-                || Worker { image, sink, counters, buf: Vec::new(), scratch: ReadScratch::default() },
+                || Worker { image, sink, counters, buf: AlignedBuf::default(), scratch: ReadScratch::default() },
                 |worker, item| {
                     if cancelled() {
                         return Err(Error::new(ErrorKind::Cancelled, "the conversion was cancelled"));

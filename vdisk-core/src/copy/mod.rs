@@ -35,6 +35,9 @@ pub struct ConvertOptions<'a> {
     pub must_exist: bool,
     /// The target must be a block device (`-O host_device`).
     pub require_device: bool,
+    /// Write with `O_DIRECT`, bypassing the page cache (`-t none`): aligned data goes straight
+    /// to the device; unaligned edges are written through the cache; the target is synced.
+    pub direct_io: bool,
     /// Bytes per work item (rounded to at least 4 KiB).
     pub item_size: u64,
     /// Called from the calling thread with (done, total) at most every `progress_interval`, and
@@ -53,6 +56,7 @@ impl Default for ConvertOptions<'_> {
             target_is_zero: false,
             must_exist: false,
             require_device: false,
+            direct_io: false,
             item_size: DEFAULT_ITEM_SIZE,
             progress: None,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
@@ -68,6 +72,7 @@ impl std::fmt::Debug for ConvertOptions<'_> {
             .field("target_is_zero", &self.target_is_zero)
             .field("must_exist", &self.must_exist)
             .field("require_device", &self.require_device)
+            .field("direct_io", &self.direct_io)
             .field("item_size", &self.item_size)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel.map(|c| c.load(Relaxed)))
@@ -116,6 +121,7 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
             must_exist: options.must_exist,
             require_device: options.require_device,
             target_is_zero: options.target_is_zero,
+            direct: options.direct_io,
         },
     )?;
     let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);

@@ -16,6 +16,9 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 const SECTOR: u64 = 512;
 /// Largest buffer of zeros written when a target cannot zero a range any other way.
 const ZERO_BUF_BYTES: usize = 1 << 20;
+/// Alignment of offsets, lengths and buffers for `O_DIRECT` writes: 4 KiB satisfies devices
+/// with 512-byte and 4096-byte logical blocks alike.
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 
 /// What kind of target a conversion wrote to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,12 +55,16 @@ pub(crate) struct TargetRequest {
     pub(crate) require_device: bool,
     /// The target already reads as zero; zero ranges need no work.
     pub(crate) target_is_zero: bool,
+    /// Write aligned data with `O_DIRECT` (bypassing the page cache), the rest buffered.
+    pub(crate) direct: bool,
 }
 
 /// An open target.
 #[derive(Debug)]
 pub(crate) struct Sink {
     file: Option<File>,
+    /// A second descriptor on the same target opened with `O_DIRECT`, for aligned writes.
+    direct: Option<File>,
     kind: TargetKind,
     /// Zero ranges must be written (an existing target not known to be zero).
     zero_needed: bool,
@@ -90,7 +97,7 @@ pub(crate) fn open_target(path: &Path, size: u64, sources: &[(u64, u64)], req: T
             .open(path)
             .map_err(|e| Error::io(format!("cannot create target {shown}"), e))?;
         file.set_len(size).map_err(|e| Error::io(format!("cannot set the size of {shown}"), e))?;
-        return Ok(Sink::new(Some(file), TargetKind::NewFile, false));
+        return Sink::new(Some(file), TargetKind::NewFile, false).with_direct(path, req.direct);
     };
     if sources.contains(&(meta.dev(), meta.ino())) {
         return Err(Error::target(format!("target {shown} is the source image (or one of its files)")));
@@ -115,7 +122,7 @@ pub(crate) fn open_target(path: &Path, size: u64, sources: &[(u64, u64)], req: T
                 "target {shown} holds {dev_size} bytes, less than the virtual size {size}; vdisk never resizes a device"
             )));
         }
-        return Ok(Sink::new(Some(file), TargetKind::BlockDevice, !req.target_is_zero));
+        return Sink::new(Some(file), TargetKind::BlockDevice, !req.target_is_zero).with_direct(path, req.direct);
     }
     if req.require_device {
         return Err(Error::target(format!("target {shown} is not a block device (host_device needs one)")));
@@ -131,7 +138,7 @@ pub(crate) fn open_target(path: &Path, size: u64, sources: &[(u64, u64)], req: T
     }
     let file =
         OpenOptions::new().write(true).open(path).map_err(|e| Error::io(format!("cannot open target {shown}"), e))?;
-    Ok(Sink::new(Some(file), TargetKind::ExistingFile, !req.target_is_zero))
+    Sink::new(Some(file), TargetKind::ExistingFile, !req.target_is_zero).with_direct(path, req.direct)
 }
 
 fn block_device_size(file: &File) -> io::Result<u64> {
@@ -146,7 +153,20 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 
 impl Sink {
     fn new(file: Option<File>, kind: TargetKind, zero_needed: bool) -> Self {
-        Sink { file, kind, zero_needed, can_punch: true.into(), can_zeroout: true.into() }
+        Sink { file, direct: None, kind, zero_needed, can_punch: true.into(), can_zeroout: true.into() }
+    }
+
+    /// Open the `O_DIRECT` descriptor when asked to.
+    fn with_direct(mut self, path: &Path, direct: bool) -> Result<Self> {
+        if direct {
+            let file = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .map_err(|e| Error::io(format!("cannot open {} for direct I/O (-t none)", path.display()), e))?;
+            self.direct = Some(file);
+        }
+        Ok(self)
     }
 
     /// The kind of target.
@@ -161,9 +181,15 @@ impl Sink {
 
     /// Write `buf` at `offset`.
     pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        match &self.file {
-            Some(f) => f.write_all_at(buf, offset),
-            None => Ok(()),
+        let aligned = |n: u64| n % DIRECT_ALIGN as u64 == 0;
+        match (&self.direct, &self.file) {
+            (Some(d), _)
+                if aligned(offset) && aligned(buf.len() as u64) && buf.as_ptr().align_offset(DIRECT_ALIGN) == 0 =>
+            {
+                d.write_all_at(buf, offset)
+            }
+            (_, Some(f)) => f.write_all_at(buf, offset),
+            _ => Ok(()),
         }
     }
 
@@ -219,6 +245,8 @@ impl Sink {
     pub(crate) fn finish(&self) -> io::Result<()> {
         match (&self.file, self.kind) {
             (Some(f), TargetKind::BlockDevice) => f.sync_all(),
+            // Direct writes bypassed the cache but may have allocated blocks: make it durable too.
+            (Some(f), _) if self.direct.is_some() => f.sync_all(),
             _ => Ok(()),
         }
     }
