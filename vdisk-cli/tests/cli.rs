@@ -210,3 +210,31 @@ fn the_sample_image_converts() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::metadata(&dst).unwrap().len(), v["virtual-size"].as_u64().unwrap());
 }
+
+#[test]
+fn map_json_equals_qemu_img_for_a_qcow2_chain() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let sh = |args: &[&str], prog: &str| {
+        let o = std::process::Command::new(prog).args(args).current_dir(dir.path()).output().unwrap();
+        assert!(o.status.success(), "{prog} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    sh(&["create", "-q", "-f", "qcow2", &p("c1.qcow2"), "4M"], "qemu-img");
+    sh(&["-c", "write -P 1 0 64k", "-c", "write -c -P 5 3M 64k", &p("c1.qcow2")], "qemu-io");
+    sh(&["create", "-q", "-f", "qcow2", "-b", "c1.qcow2", "-F", "qcow2", &p("c2.qcow2")], "qemu-img");
+    sh(&["-c", "write -z 1M 64k", &p("c2.qcow2")], "qemu-io");
+    sh(&["create", "-q", "-f", "qcow2", "-b", "c2.qcow2", "-F", "qcow2", &p("c3.qcow2"), "3M"], "qemu-img");
+    sh(&["-c", "write -P 3 2M 64k", &p("c3.qcow2")], "qemu-io");
+    for img in ["c1.qcow2", "c3.qcow2"] {
+        let ours = run(&[&"map", &"--output", &"json", &"--references", &"same-dir", &p(img)]);
+        assert!(ours.status.success(), "{}", String::from_utf8_lossy(&ours.stderr));
+        let theirs =
+            std::process::Command::new("qemu-img").args(["map", "--output", "json", &p(img)]).output().unwrap();
+        let a: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+        let b: serde_json::Value = serde_json::from_slice(&theirs.stdout).unwrap();
+        assert_eq!(a, b, "{img}");
+    }
+}
