@@ -8,6 +8,23 @@ from typing import Any, Literal, final
 __version__: str
 """The package version."""
 
+__all__ = [
+    "__version__",
+    "ConvertReport",
+    "Extent",
+    "ExtentIterator",
+    "Image",
+    "InvalidImageError",
+    "LimitExceededError",
+    "Limits",
+    "ReferenceDeniedError",
+    "TargetError",
+    "UnsupportedFeatureError",
+    "VdiskError",
+    "convert",
+    "open",
+]
+
 _Path = str | os.PathLike[str]
 _Format = Literal["raw", "qcow2", "vmdk", "vpc", "vhd", "vhdx"]
 _References = Literal["deny", "same-dir", "same_dir", "any"]
@@ -34,15 +51,15 @@ class TargetError(VdiskError):
 class Limits:
     """Bounds on what opening and reading an untrusted image may consume."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         max_metadata_bytes: int | None = None,
         max_table_entries: int | None = None,
         max_chain_depth: int | None = None,
         max_virtual_size: int | None = None,
         max_unit_bytes: int | None = None,
-    ) -> None:
+    ) -> Limits:
         """Limits with vdisk's defaults, except those given."""
     @property
     def max_metadata_bytes(self) -> int:
@@ -59,7 +76,7 @@ class Limits:
     @property
     def max_unit_bytes(self) -> int:
         """Largest compressed cluster or grain, and largest single block, held in memory."""
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
 
 @final
 class Extent:
@@ -86,7 +103,7 @@ class Extent:
     @property
     def compressed(self) -> bool:
         """True when the data is stored compressed."""
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 @final
