@@ -38,10 +38,12 @@ wheel=$(ls "$wheels"/vdisk-*.whl)
 "$py" -m pip install -q --force-reinstall --no-deps "$wheel"
 export VDISK_WHEEL=$wheel
 
-say "stubtest"
+say "stubtest and mypy"
 # Run from an empty directory so that the installed package, not the source tree, is checked.
-(cd "$(mktemp -d)" && "$py" -m mypy.stubtest vdisk vdisk._vdisk)
+(cd "$(mktemp -d)" && "$py" -m mypy.stubtest vdisk && "$py" -m mypy --strict -p vdisk)
+# The tests use the API as a typed caller would: type-check them against the stubs.
+(cd vdisk-py/tests && "$py" -m mypy --strict --no-incremental --cache-dir=/dev/null .)
 
 say "pytest"
 eval "set -- ${VDISK_PYTEST_ARGS:-}"
-(cd "$(mktemp -d)" && "$py" -m pytest -p no:cacheprovider -ra "$root/vdisk-py/tests" "$@")
+(cd "$(mktemp -d)" && "$py" -m pytest -p no:cacheprovider -ra --rootdir "$root/vdisk-py" "$root/vdisk-py/tests" "$@")

@@ -145,7 +145,7 @@ def vdisk_image_import() -> None:
     @task
     def volume_size(image: dict[str, Any], **context: Any) -> int:
         """Size of the volume to provision, in GiB: the virtual size rounded up."""
-        gib = max(int(context["params"]["min_volume_gb"]), math.ceil(image["virtual_size"] / GIB))
+        gib: int = max(int(context["params"]["min_volume_gb"]), math.ceil(int(image["virtual_size"]) / GIB))
         log.info("volume size: %d GiB for %d bytes", gib, image["virtual_size"])
         return gib
 
@@ -233,4 +233,4 @@ def vdisk_image_import() -> None:
     verify(image, report)
 
 
-dag = vdisk_image_import()
+image_import_dag = vdisk_image_import()

@@ -35,7 +35,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 import vdisk_image_import as module
 
-run = module.dag.test(run_conf=json.loads(sys.argv[2]))
+run = module.image_import_dag.test(run_conf=json.loads(sys.argv[2]))
 tasks = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
 print("DAG-RESULT " + json.dumps({"state": str(run.state), "tasks": tasks}), flush=True)
 """

@@ -288,7 +288,7 @@ def test_limits_defaults_and_keywords() -> None:
     assert custom == vdisk.Limits(max_chain_depth=3, max_unit_bytes=4 << 20) and custom != d
     assert "max_chain_depth=3" in repr(custom)
     with pytest.raises(TypeError):
-        vdisk.Limits(3)  # type: ignore[misc]
+        vdisk.Limits(3)  # type: ignore[call-arg]
     with pytest.raises(OverflowError):
         vdisk.Limits(max_chain_depth=-1)
 
@@ -305,6 +305,6 @@ def test_limits_raise_and_lower(tmp_path: Path) -> None:
 def test_same_digest_as_cli_convert(tmp_path: Path, raw_image: Path) -> None:
     cli("convert", str(raw_image), str(tmp_path / "cli.raw"))
     vdisk.convert(raw_image, tmp_path / "py.raw")
-    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-    assert digest(tmp_path / "cli.raw") == digest(tmp_path / "py.raw")
+    cli_digest = hashlib.sha256((tmp_path / "cli.raw").read_bytes()).hexdigest()
+    assert hashlib.sha256((tmp_path / "py.raw").read_bytes()).hexdigest() == cli_digest
     assert os.stat(tmp_path / "py.raw").st_blocks < 64 * MiB // 512 // 2  # created sparse

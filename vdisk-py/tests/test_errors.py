@@ -132,16 +132,15 @@ def test_limit_exceeded(tmp_path: Path) -> None:
 def test_target_errors(tmp_path: Path) -> None:
     src = write_at(tmp_path / "disk.raw", 8 * MiB, [(0, b"x")])
     small = write_at(tmp_path / "small.raw", MiB, [])
-    cases = [
-        (dict(dst=small), ["convert", str(src), str(small)]),
-        (dict(dst=src), ["convert", str(src), str(src)]),
-        (dict(dst=tmp_path / "big.raw", require_device=True), ["convert", "-O", "host_device", str(src), str(tmp_path / "big.raw")]),
+    big = write_at(tmp_path / "big.raw", 16 * MiB, [])
+    cases: list[tuple[Path, bool, list[str]]] = [
+        (small, False, ["convert", str(src), str(small)]),  # too small
+        (src, False, ["convert", str(src), str(src)]),  # the source itself
+        (big, True, ["convert", "-O", "host_device", str(src), str(big)]),  # not a device
     ]
-    write_at(tmp_path / "big.raw", 16 * MiB, [])
-    for kwargs, argv in cases:
-        dst = kwargs.pop("dst")
+    for dst, require_device, argv in cases:
         with pytest.raises(vdisk.TargetError) as e:
-            vdisk.convert(src, dst, **kwargs)  # type: ignore[arg-type]
+            vdisk.convert(src, dst, require_device=require_device)
         assert str(e.value) == cli_error(*argv), argv
     assert small.stat().st_size == MiB  # never resized
     assert src.read_bytes()[:1] == b"x"
@@ -179,7 +178,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         vdisk.open(src, limits={"max_chain_depth": 3})  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        vdisk.convert(src, tmp_path / "o.raw", "raw")  # type: ignore[misc]
+        vdisk.convert(src, tmp_path / "o.raw", "raw")  # type: ignore[call-arg]
     assert not (tmp_path / "o.raw").exists()
 
 
