@@ -165,8 +165,9 @@ def loop_device(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def data_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """1 GiB virtual with 1 MiB of data every 2 MiB (512 MiB of data): a copy of it takes a few
     progress intervals (100 ms each) on any machine."""
     path = tmp_path_factory.mktemp("data") / "data.raw"
-    return write_at(path, GiB, [(i * 2 * MiB, pattern(MiB, i)) for i in range(512)])
+    yield write_at(path, GiB, [(i * 2 * MiB, pattern(MiB, i)) for i in range(512)])
+    path.unlink()

@@ -152,6 +152,7 @@ def test_backing_chain_needs_references_and_reports_depth(tmp_path: Path) -> Non
     with vdisk.open(top, references="same-dir") as img:
         extents = list(img.extents())
         assert img.info()["backing-filename"] == "base.qcow2"
+        assert img.info() == cli_info(str(top))
         content = img.read(0, img.virtual_size)
     assert {e.depth for e in extents} == {0, 1}
     assert [map_entry(e) for e in extents] == cli_map(str(top), "--references", "same-dir")
@@ -241,6 +242,7 @@ def test_progress_is_monotonic_on_the_calling_thread_and_ends_at_total(tmp_path:
             assert x == y
             if not x:
                 break
+    (tmp_path / "out.raw").unlink()
 
 
 def test_progress_called_once_at_the_end_for_a_quick_copy(tmp_path: Path) -> None:
