@@ -249,6 +249,18 @@ impl<'a> OpenContext<'a> {
         Layer::open(self, src, Some(path.clone()), Some(id), format).map_err(|e| e.in_file(&path))
     }
 
+    /// Replace the source behind an already registered `file` with a view of it (a VHDX log
+    /// replayed in memory): every later read of that file, `Location::File` extents included,
+    /// goes through `src`. The path and identity recorded for the file stay as they were.
+    pub(crate) fn replace_source(&mut self, file: FileId, src: Arc<dyn ReadAt>) -> Result<()> {
+        let entry = self
+            .files
+            .get_mut(file.index())
+            .ok_or_else(|| Error::invalid("internal error: replacing the source of an unknown file"))?;
+        entry.src = src;
+        Ok(())
+    }
+
     /// The source of an already opened file.
     pub(crate) fn source(&self, file: FileId) -> &Arc<dyn ReadAt> {
         &self.files[file.index()].src

@@ -14,9 +14,9 @@ use vdisk_core::{convert, ConvertOptions, Image, OpenOptions, ReferencePolicy};
 /// binary) naming what is missing. On CI (`CI=true`) a missing qemu-img fails instead.
 pub fn have_qemu() -> bool {
     static SKIP: Once = Once::new();
-    let ok = ["qemu-img", "qemu-io"].iter().all(|tool| {
-        Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
-    });
+    let ok = ["qemu-img", "qemu-io"]
+        .iter()
+        .all(|tool| Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false));
     if !ok {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("qemu-img/qemu-io are required on CI");
