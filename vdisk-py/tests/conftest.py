@@ -134,6 +134,21 @@ def make_qcow2(path: Path, size: str = "64M", *extra: str) -> Path:
     return path
 
 
+#: Formats the parametrized tests cover; qemu-img makes each from the same content.
+KINDS = ["raw", "qcow2", "vpc", "vhdx"]
+
+
+def make_image(kind: str, tmp_path: Path, raw_image: Path) -> Path:
+    """An image of `kind`: the raw fixture itself, the qcow2 above, or VHD/VHDX made from it."""
+    if kind == "raw":
+        return raw_image
+    if kind == "qcow2":
+        return make_qcow2(tmp_path / "disk.qcow2")
+    path = tmp_path / f"disk.{kind}"
+    qemu_img("convert", "-f", "raw", "-O", kind, str(raw_image), str(path))
+    return path
+
+
 @pytest.fixture
 def qcow2_image(tmp_path: Path) -> Path:
     return make_qcow2(tmp_path / "disk.qcow2")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import vdisk
-from conftest import GiB, MiB, make_qcow2, map_entry, pattern, write_at
+from conftest import KINDS, GiB, MiB, make_image, map_entry, pattern, write_at
 
 #: Ctrl-C must stop a conversion within this many seconds.
 CANCEL_WITHIN = 1.0
@@ -173,12 +173,12 @@ def _use_in_child(dst: str) -> tuple[str, int, list[dict[str, Any]], int]:
     return digest, report.bytes_written, [map_entry(e) for e in img.extents()], os.getpid()
 
 
-@pytest.mark.parametrize("kind", ["raw", "qcow2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_image_used_after_fork(kind: str, tmp_path: Path, raw_image: Path) -> None:
     """An Image opened before fork (as in an Airflow worker) works in the child, even while another
     parent thread was reading from it at the time of the fork."""
     global _FORK_IMAGE
-    path = raw_image if kind == "raw" else make_qcow2(tmp_path / "disk.qcow2")
+    path = make_image(kind, tmp_path, raw_image)
     img = vdisk.open(path)
     expected = img.read(0, img.virtual_size)
     _FORK_IMAGE = img

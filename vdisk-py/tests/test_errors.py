@@ -94,14 +94,26 @@ def test_unsupported_formats(tmp_path: Path) -> None:
     assert "VDI" in cli_error("info", str(vdi))
 
 
-def test_invalid_image(tmp_path: Path) -> None:
-    good = make_qcow2(tmp_path / "good.qcow2")
-    truncated = tmp_path / "truncated.qcow2"
-    truncated.write_bytes(good.read_bytes()[:32])
+@pytest.mark.parametrize("kind", ["qcow2", "vpc", "vhdx"])
+def test_invalid_image(kind: str, tmp_path: Path) -> None:
+    """Damaged metadata: a truncated qcow2 header, a VHD dynamic header without its cookie, VHDX
+    headers that are both overwritten."""
+    path = tmp_path / f"bad.{kind}"
+    if kind == "qcow2":
+        good = make_qcow2(tmp_path / "good.qcow2")
+        path.write_bytes(good.read_bytes()[:32])
+    else:
+        qemu_img("create", "-q", "-f", kind, str(path), "64M")
+        at, length = (512, 32) if kind == "vpc" else (64 * 1024, 128 * 1024)
+        with open(path, "r+b") as f:
+            f.seek(at)
+            f.write(b"\xee" * length)
     with pytest.raises(vdisk.InvalidImageError) as e:
-        vdisk.open(truncated)
-    assert str(e.value) == cli_error("info", str(truncated))
+        vdisk.open(path)
+    assert str(e.value) == cli_error("info", str(path))
     assert "\n" not in str(e.value)
+    with pytest.raises(vdisk.InvalidImageError):
+        vdisk.convert(path, tmp_path / "out.raw")
 
 
 def test_reference_denied(tmp_path: Path) -> None:
