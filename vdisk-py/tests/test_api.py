@@ -246,8 +246,8 @@ def test_progress_is_monotonic_on_the_calling_thread_and_ends_at_total(tmp_path:
     dones = [d for d, _, _ in calls]
     assert dones == sorted(dones)
     assert {tid for _, _, tid in calls} == {threading.get_ident()}
-    assert len(calls) >= 2, "the copy was too quick to show intermediate progress"
-    assert calls[0][0] < report.virtual_size
+    # About every 100 ms while the copy runs (the reporting loop ticks every 50 ms).
+    assert len(calls) >= int(report.seconds / 0.15), (len(calls), report.seconds)
     with open(tmp_path / "out.raw", "rb") as a, open(src, "rb") as b:
         while True:
             x, y = a.read(16 * MiB), b.read(16 * MiB)
