@@ -17,6 +17,7 @@ from conftest import (
     REPO,
     MiB,
     cli,
+    cli_error,
     cli_info,
     cli_map,
     make_image,
@@ -308,12 +309,19 @@ def test_limits_defaults_and_keywords() -> None:
 
 
 def test_limits_raise_and_lower(tmp_path: Path) -> None:
-    path = make_qcow2(tmp_path / "disk.qcow2")
-    with pytest.raises(vdisk.LimitExceededError) as e:
-        vdisk.open(path, limits=vdisk.Limits(max_metadata_bytes=1024))
-    assert "max_metadata_bytes" in str(e.value)
-    with vdisk.open(path, limits=vdisk.Limits(max_metadata_bytes=16 * MiB)) as img:
-        assert img.virtual_size == 64 * MiB
+    # A 4 TiB qcow2: its L1 table has 8192 entries (64 KiB).
+    path = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "4T")
+    for limits, option, value in [
+        (vdisk.Limits(max_metadata_bytes=16384), "--max-metadata-bytes", 16384),
+        (vdisk.Limits(max_table_entries=1000), "--max-table-entries", 1000),
+    ]:
+        with pytest.raises(vdisk.LimitExceededError) as e:
+            vdisk.open(path, limits=limits)
+        assert str(e.value) == cli_error("info", option, str(value), str(path))
+        assert option.lstrip("-").replace("-", "_") in str(e.value)
+    with vdisk.open(path, limits=vdisk.Limits(max_metadata_bytes=16 * MiB, max_table_entries=8192)) as img:
+        assert img.virtual_size == 4 << 40
 
 
 def test_same_digest_as_cli_convert(tmp_path: Path, raw_image: Path) -> None:
