@@ -44,7 +44,7 @@ fn a_decoy_secret_never_reaches_an_output_it_should_not() {
     std::fs::create_dir_all(&secret_dir).unwrap();
     std::fs::create_dir_all(&images).unwrap();
     let secret = secret_dir.join("decoy.bin");
-    std::fs::write(&secret, MARKER.repeat((1 << 20) / MARKER.len() + 1)[..1 << 20].to_vec()).unwrap();
+    std::fs::write(&secret, &MARKER.repeat((1 << 20) / MARKER.len() + 1)[..1 << 20]).unwrap();
     std::os::unix::fs::symlink("../secret/decoy.bin", images.join("link.bin")).unwrap();
     let abs = secret.to_str().unwrap().to_string();
     let json = format!("json:{{\"driver\":\"raw\",\"file\":{{\"driver\":\"file\",\"filename\":\"{abs}\"}}}}");

@@ -136,17 +136,11 @@ impl Layer {
         }
         Ok(())
     }
-
-    /// Map `offset..offset + len` of this layer as the backing of an overlay: every extent one
-    /// layer deeper, the whole range covered, and anything past this layer's end unallocated
-    /// (reads of a shorter backing file return zeros).
-    pub(crate) fn map_as_backing(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
-        map_backing(Some(self), offset, len, out)
-    }
 }
 
 /// Map `offset..offset + len` of an overlay's backing (`None` when there is none) as the overlay
-/// sees it; see [`Layer::map_as_backing`].
+/// sees it: every extent one layer deeper, the whole range covered, and anything past the
+/// backing file's end unallocated (reads of a shorter backing file return zeros).
 pub(crate) fn map_backing(backing: Option<&Layer>, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
     let end = offset.saturating_add(len);
     let mut pos = offset;
@@ -259,11 +253,6 @@ impl<'a> OpenContext<'a> {
             .ok_or_else(|| Error::invalid("internal error: replacing the source of an unknown file"))?;
         entry.src = src;
         Ok(())
-    }
-
-    /// The source of an already opened file.
-    pub(crate) fn source(&self, file: FileId) -> &Arc<dyn ReadAt> {
-        &self.files[file.index()].src
     }
 }
 

@@ -64,11 +64,6 @@ impl FileSource {
         };
         Ok(FileSource { file, size })
     }
-
-    /// The underlying file.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
 }
 
 impl ReadAt for FileSource {

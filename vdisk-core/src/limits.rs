@@ -129,6 +129,7 @@ impl MetadataBudget {
     }
 
     /// Bytes reserved so far.
+    #[cfg(test)]
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }

@@ -37,6 +37,7 @@ pub(crate) enum WorkItem {
     },
 }
 
+#[cfg(test)]
 impl WorkItem {
     /// Bytes of the virtual disk this item covers.
     pub(crate) fn len(&self) -> u64 {

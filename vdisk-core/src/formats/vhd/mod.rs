@@ -409,6 +409,10 @@ fn open_sparse(
 }
 
 impl ImageFormat for VhdImage {
+    fn backing_layer(&self) -> Option<&Layer> {
+        self.sparse.as_ref()?.diff.as_ref()?.parent.as_deref()
+    }
+
     fn virtual_size(&self) -> u64 {
         self.size
     }

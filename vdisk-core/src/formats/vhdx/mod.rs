@@ -244,6 +244,10 @@ impl Emitter<'_> {
 }
 
 impl ImageFormat for VhdxImage {
+    fn backing_layer(&self) -> Option<&Layer> {
+        self.parent.as_deref()
+    }
+
     fn virtual_size(&self) -> u64 {
         self.md.virtual_size
     }
