@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use vdisk_core::ConvertOptions;
 
@@ -86,6 +86,11 @@ pub(crate) fn convert(
     let options = open_options(format, references, limits)?;
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));
+    }
+    if let Some(callback) = &progress {
+        if !callback.bind(py).is_callable() {
+            return Err(PyTypeError::new_err("progress must be callable as progress(done, total)"));
+        }
     }
     let image = py.allow_threads(|| vdisk_core::Image::open(&src, &options)).map_err(|e| errors::to_py(py, e))?;
 

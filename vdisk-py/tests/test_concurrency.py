@@ -289,6 +289,29 @@ def test_ctrl_c_without_progress_callback(tmp_path: Path, loop_device: Any) -> N
     assert sent and caught - sent[0] < CANCEL_WITHIN
 
 
+def test_raising_signal_handler_cancels_convert(tmp_path: Path, loop_device: Any) -> None:
+    """Any Python signal handler that raises stops the copy, e.g. a SIGALRM timeout (Airflow's
+    execution_timeout works this way)."""
+    src = loop_device(64 * GiB, read_only=True, name="slow.img")
+
+    class Timeout(Exception):
+        pass
+
+    def on_alarm(signum: int, frame: object) -> None:
+        raise Timeout
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        started = time.monotonic()
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Timeout):
+            vdisk.convert(src, tmp_path / "out.raw")
+        assert time.monotonic() - started < 0.5 + CANCEL_WITHIN
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_exception_in_progress_cancels_the_copy(tmp_path: Path, loop_device: Any, data_image: Path) -> None:
     src, slow = _slow_source(loop_device, data_image)
     raised_at: list[float] = []

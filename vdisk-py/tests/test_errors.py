@@ -191,6 +191,8 @@ def test_bad_arguments(tmp_path: Path) -> None:
         vdisk.open(src, limits={"max_chain_depth": 3})  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         vdisk.convert(src, tmp_path / "o.raw", "raw")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="progress must be callable"):
+        vdisk.convert(src, tmp_path / "o.raw", progress=42)  # type: ignore[arg-type]
     assert not (tmp_path / "o.raw").exists()
 
 
