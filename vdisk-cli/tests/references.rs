@@ -61,16 +61,22 @@ fn a_decoy_secret_never_reaches_an_output_it_should_not() {
     // the same length, then renamed inside the header, so qemu-img never writes to the decoy.
     std::fs::create_dir_all(root.path().join("secrex")).unwrap();
     let df = images.join("q-datafile.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=../secrex/decoy.bin,data_file_raw=on",
-        df.to_str().unwrap(),
-        "1M",
-    ]);
+    // qemu-img resolves a data file name against its working directory: run it from the image's.
+    let o = Command::new("qemu-img")
+        .current_dir(&images)
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=../secrex/decoy.bin,data_file_raw=on",
+            "q-datafile.qcow2",
+            "1M",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut bytes = std::fs::read(&df).unwrap();
     let at = bytes.windows(19).position(|w| w == b"../secrex/decoy.bin").expect("data file name in the header");
     bytes[at..at + 19].copy_from_slice(b"../secret/decoy.bin");
