@@ -135,7 +135,7 @@ def make_qcow2(path: Path, size: str = "64M", *extra: str) -> Path:
 
 
 #: Formats the parametrized tests cover; qemu-img makes each from the same content.
-KINDS = ["raw", "qcow2", "vpc", "vhdx"]
+KINDS = ["raw", "qcow2", "vmdk", "vpc", "vhdx"]
 
 
 def make_image(kind: str, tmp_path: Path, raw_image: Path) -> Path:
