@@ -84,6 +84,12 @@ impl Error {
         Error { kind: ErrorKind::Io, message: format!("{what}: {}", io_text(&err)), source: Some(Box::new(err)) }
     }
 
+    /// An [`ErrorKind::Io`] error with its own `message` that keeps `err` as its source, so that
+    /// [`Error::io_kind`] and [`Error::raw_os_error`] report it.
+    pub fn io_with_message(message: impl Into<String>, err: io::Error) -> Self {
+        Error { kind: ErrorKind::Io, message: message.into(), source: Some(Box::new(err)) }
+    }
+
     /// The error's kind.
     pub fn kind(&self) -> ErrorKind {
         self.kind

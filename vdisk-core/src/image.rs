@@ -261,7 +261,10 @@ fn open_source(path: &Path, what: &str) -> Result<(Arc<dyn ReadAt>, (u64, u64))>
     let meta = std::fs::metadata(path).map_err(|e| Error::io(format!("cannot open {what} {}", path.display()), e))?;
     let ft = meta.file_type();
     if ft.is_dir() {
-        return Err(Error::new(crate::ErrorKind::Io, format!("{} is a directory", path.display())));
+        return Err(Error::io_with_message(
+            format!("{} is a directory", path.display()),
+            std::io::Error::from_raw_os_error(libc::EISDIR),
+        ));
     }
     if !(ft.is_file() || ft.is_block_device()) {
         return Err(Error::unsupported(format!("{} is not a regular file or block device", path.display())));

@@ -1,0 +1,47 @@
+"""Read and convert qcow2, VMDK, VHD, VHDX and raw disk images.
+
+A drop-in for ``qemu-img info`` and ``qemu-img convert -O raw`` in Python, without qemu::
+
+    import vdisk
+
+    with vdisk.open("upload.img") as img:  # format detected from the content
+        print(img.format, img.virtual_size)
+    report = vdisk.convert("upload.img", "/dev/vdb", progress=lambda done, total: ...)
+
+Long calls release the GIL; ``progress`` runs on the calling thread; Ctrl-C cancels a
+conversion. Errors are :class:`VdiskError` subclasses, or ``OSError`` subclasses for I/O.
+"""
+
+from ._vdisk import (
+    ConvertReport,
+    Extent,
+    ExtentIterator,
+    Image,
+    InvalidImageError,
+    LimitExceededError,
+    Limits,
+    ReferenceDeniedError,
+    TargetError,
+    UnsupportedFeatureError,
+    VdiskError,
+    __version__,
+    convert,
+    open,
+)
+
+__all__ = [
+    "ConvertReport",
+    "Extent",
+    "ExtentIterator",
+    "Image",
+    "InvalidImageError",
+    "LimitExceededError",
+    "Limits",
+    "ReferenceDeniedError",
+    "TargetError",
+    "UnsupportedFeatureError",
+    "VdiskError",
+    "__version__",
+    "convert",
+    "open",
+]

@@ -1,0 +1,197 @@
+"""Type stubs of vdisk's native module, re-exported by ``vdisk``."""
+
+import os
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any, Literal, final
+
+__version__: str
+"""The package version."""
+
+__all__ = [
+    "__version__",
+    "ConvertReport",
+    "Extent",
+    "ExtentIterator",
+    "Image",
+    "InvalidImageError",
+    "LimitExceededError",
+    "Limits",
+    "ReferenceDeniedError",
+    "TargetError",
+    "UnsupportedFeatureError",
+    "VdiskError",
+    "convert",
+    "open",
+]
+
+_Path = str | os.PathLike[str]
+_Format = Literal["raw", "qcow2", "vmdk", "vpc", "vhd", "vhdx"]
+_References = Literal["deny", "same-dir", "same_dir", "any"]
+
+class VdiskError(Exception):
+    """Base class of every error vdisk raises for an image or a target (I/O errors are OSError)."""
+
+class InvalidImageError(VdiskError):
+    """The image is corrupt or malformed; the message names the structure and its offset."""
+
+class UnsupportedFeatureError(VdiskError):
+    """The image uses a format or feature vdisk does not read; the message names it."""
+
+class ReferenceDeniedError(VdiskError):
+    """The image names another file that the reference policy does not allow opening."""
+
+class LimitExceededError(VdiskError):
+    """A limit would be exceeded; the message names the limit and how to raise it."""
+
+class TargetError(VdiskError):
+    """The conversion target cannot be used: too small, not a block device, or the source itself."""
+
+@final
+class Limits:
+    """Bounds on what opening and reading an untrusted image may consume."""
+
+    def __new__(
+        cls,
+        *,
+        max_metadata_bytes: int | None = None,
+        max_table_entries: int | None = None,
+        max_chain_depth: int | None = None,
+        max_virtual_size: int | None = None,
+        max_unit_bytes: int | None = None,
+    ) -> Limits:
+        """Limits with vdisk's defaults, except those given."""
+    @property
+    def max_metadata_bytes(self) -> int:
+        """Bytes of metadata all layers together may hold in memory."""
+    @property
+    def max_table_entries(self) -> int:
+        """Entries in any one table."""
+    @property
+    def max_chain_depth(self) -> int:
+        """Images in a chain (the image itself counts as one)."""
+    @property
+    def max_virtual_size(self) -> int:
+        """Largest virtual disk size accepted, in bytes."""
+    @property
+    def max_unit_bytes(self) -> int:
+        """Largest compressed cluster or grain, and largest single block, held in memory."""
+    def __eq__(self, value: object, /) -> bool: ...
+
+@final
+class Extent:
+    """One range of the virtual disk and what it holds."""
+
+    @property
+    def start(self) -> int:
+        """First byte, as an offset in the virtual disk."""
+    @property
+    def length(self) -> int:
+        """Length in bytes (never 0)."""
+    @property
+    def end(self) -> int:
+        """One past the last byte (``start + length``)."""
+    @property
+    def kind(self) -> Literal["data", "zero", "unallocated"]:
+        """``"data"``, ``"zero"`` or ``"unallocated"``."""
+    @property
+    def depth(self) -> int:
+        """Layer of the chain the range comes from (0 = the image itself)."""
+    @property
+    def offset(self) -> int | None:
+        """For uncompressed data, the offset of the first byte in the file that stores it."""
+    @property
+    def compressed(self) -> bool:
+        """True when the data is stored compressed."""
+    def __eq__(self, value: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class ExtentIterator(Iterator[Extent]):
+    """The lazy iterator returned by :meth:`Image.extents`."""
+
+    def __iter__(self) -> ExtentIterator:
+        """Return the iterator itself."""
+    def __next__(self) -> Extent:
+        """The next extent."""
+
+@final
+class Image:
+    """An open disk image (any supported format, with its backing chain)."""
+
+    @property
+    def format(self) -> str:
+        """The image format, as qemu-img names it."""
+    @property
+    def virtual_size(self) -> int:
+        """The guest-visible size of the disk in bytes."""
+    @property
+    def path(self) -> str:
+        """The path the image was opened from."""
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+    def info(self) -> dict[str, Any]:
+        """What ``vdisk info --output json`` prints for this image, as a dict."""
+    def extents(self) -> ExtentIterator:
+        """A lazy iterator over the extents of the virtual disk."""
+    def read(self, offset: int, length: int) -> bytes:
+        """Read up to ``length`` guest bytes at ``offset``."""
+    def close(self) -> None:
+        """Release the image's files."""
+    def __enter__(self) -> Image:
+        """Return the image itself."""
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> bool:
+        """Close the image."""
+
+@final
+class ConvertReport:
+    """What :func:`convert` did."""
+
+    @property
+    def virtual_size(self) -> int:
+        """The virtual size of the image, in bytes."""
+    @property
+    def bytes_written(self) -> int:
+        """Bytes written as data."""
+    @property
+    def bytes_zeroed(self) -> int:
+        """Bytes explicitly zeroed on the target."""
+    @property
+    def seconds(self) -> float:
+        """Wall-clock seconds the conversion took."""
+    @property
+    def threads(self) -> int:
+        """Copy threads used."""
+    @property
+    def target(self) -> Literal["new-file", "existing-file", "block-device", "null"]:
+        """What the target was."""
+
+def open(
+    path: _Path,
+    format: _Format | None = None,
+    references: _References = "deny",
+    *,
+    limits: Limits | None = None,
+) -> Image:
+    """Open the disk image at ``path``."""
+
+def convert(
+    src: _Path,
+    dst: _Path,
+    *,
+    format: _Format | None = None,
+    references: _References = "deny",
+    threads: int | None = None,
+    target_is_zero: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+    must_exist: bool = False,
+    require_device: bool = False,
+    limits: Limits | None = None,
+) -> ConvertReport:
+    """Convert the image at ``src`` to its raw guest content at ``dst``."""

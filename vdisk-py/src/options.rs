@@ -1,0 +1,85 @@
+//! Arguments shared by `open` and `convert`: format, reference policy, limits.
+
+use pyo3::prelude::*;
+use vdisk_core::{Format, OpenOptions, ReferencePolicy};
+
+use crate::errors;
+
+/// Bounds on what opening and reading an untrusted image may consume.
+///
+/// Every argument defaults to vdisk's built-in limit; pass a larger value to accept an image
+/// that a :class:`LimitExceededError` refused (its message names the limit to raise)::
+///
+///     vdisk.open(path, limits=vdisk.Limits(max_metadata_bytes=4 << 30))
+#[pyclass(module = "vdisk", frozen, eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// Bytes of metadata (tables, descriptors, logs) all layers together may hold in memory.
+    #[pyo3(get)]
+    max_metadata_bytes: u64,
+    /// Entries in any one table (L1, refcount table, grain directory, BAT, snapshot table).
+    #[pyo3(get)]
+    max_table_entries: u64,
+    /// Images in a chain (the image itself counts as one).
+    #[pyo3(get)]
+    max_chain_depth: u32,
+    /// Largest virtual disk size accepted, in bytes.
+    #[pyo3(get)]
+    max_virtual_size: u64,
+    /// Largest compressed cluster or grain, and largest single block, held in memory, in bytes.
+    #[pyo3(get)]
+    max_unit_bytes: u64,
+}
+
+impl Limits {
+    pub(crate) fn to_core(&self) -> vdisk_core::Limits {
+        let mut limits = vdisk_core::Limits::default();
+        limits.max_metadata_bytes = self.max_metadata_bytes;
+        limits.max_table_entries = self.max_table_entries;
+        limits.max_chain_depth = self.max_chain_depth;
+        limits.max_virtual_size = self.max_virtual_size;
+        limits.max_unit_bytes = self.max_unit_bytes;
+        limits
+    }
+}
+
+#[pymethods]
+impl Limits {
+    /// Limits with vdisk's defaults, except those given.
+    #[new]
+    #[pyo3(signature = (*, max_metadata_bytes=None, max_table_entries=None, max_chain_depth=None, max_virtual_size=None, max_unit_bytes=None))]
+    fn new(
+        max_metadata_bytes: Option<u64>,
+        max_table_entries: Option<u64>,
+        max_chain_depth: Option<u32>,
+        max_virtual_size: Option<u64>,
+        max_unit_bytes: Option<u64>,
+    ) -> Self {
+        let d = vdisk_core::Limits::default();
+        Limits {
+            max_metadata_bytes: max_metadata_bytes.unwrap_or(d.max_metadata_bytes),
+            max_table_entries: max_table_entries.unwrap_or(d.max_table_entries),
+            max_chain_depth: max_chain_depth.unwrap_or(d.max_chain_depth),
+            max_virtual_size: max_virtual_size.unwrap_or(d.max_virtual_size),
+            max_unit_bytes: max_unit_bytes.unwrap_or(d.max_unit_bytes),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Limits(max_metadata_bytes={}, max_table_entries={}, max_chain_depth={}, max_virtual_size={}, max_unit_bytes={})",
+            self.max_metadata_bytes,
+            self.max_table_entries,
+            self.max_chain_depth,
+            self.max_virtual_size,
+            self.max_unit_bytes
+        )
+    }
+}
+
+/// The core's open options from Python's arguments; bad names raise `ValueError`.
+pub(crate) fn open_options(format: Option<&str>, references: &str, limits: Option<&Limits>) -> PyResult<OpenOptions> {
+    let format = format.map(|f| f.parse::<Format>().map_err(errors::value_error)).transpose()?;
+    let references = references.parse::<ReferencePolicy>().map_err(errors::value_error)?;
+    Ok(OpenOptions { format, references, limits: limits.map(Limits::to_core).unwrap_or_default() })
+}

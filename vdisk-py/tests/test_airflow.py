@@ -1,0 +1,149 @@
+"""The example DAG (examples/airflow/vdisk_image_import.py) under real Apache Airflow 3.
+
+Airflow is installed into a venv of its own under target/ (cached between runs, keyed by the
+requirement and the Python version), with the freshly built vdisk wheel. The test runs
+`airflow db migrate`, then the DAG with `dag.test(run_conf=...)`, converting an image that holds an
+ext4 file system onto a loop device filled with garbage, and checks the run's success, the
+device's content, and the progress lines in the convert task's log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import GiB, MiB, REPO, need, pattern, qemu_img
+
+AIRFLOW_REQUIREMENT = "apache-airflow>=3,<4"
+DAGS = REPO / "examples" / "airflow"
+#: Size of the ext4 file system in the test image (not a multiple of 1 GiB, to exercise rounding).
+IMAGE_SIZE = 96 * MiB
+MARKER = b"beyond-the-virtual-size" * 100
+
+DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import vdisk_image_import as module
+
+run = module.image_import_dag.test(run_conf=json.loads(sys.argv[2]))
+tasks = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+print("DAG-RESULT " + json.dumps({"state": str(run.state), "tasks": tasks}), flush=True)
+"""
+
+
+def airflow_venv() -> Path:
+    """The venv with Airflow, made once and reused while the requirement and Python stay the same."""
+    key = hashlib.sha256(
+        f"{AIRFLOW_REQUIREMENT} {sys.version_info[:2]} {platform.machine()}".encode()
+    ).hexdigest()[:12]
+    venv = REPO / "target" / f"airflow-venv-{key}"
+    done = venv / ".installed"
+    if done.exists():
+        return venv
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, AIRFLOW_REQUIREMENT], check=True)
+    done.write_text(AIRFLOW_REQUIREMENT + "\n")
+    return venv
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Airflow with the built vdisk wheel, and a migrated metadata database in a temporary home."""
+    wheel = os.environ.get("VDISK_WHEEL")
+    if not wheel:
+        pytest.fail("VDISK_WHEEL is not set: run vdisk-py/run-tests.sh, which builds the wheel")
+    venv = airflow_venv()
+    python = str(venv / "bin" / "python")
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--force-reinstall", wheel],
+        check=True,
+    )
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VIRTUAL_ENV", "PYTHON"))}
+    env.update(
+        AIRFLOW_HOME=str(home),
+        AIRFLOW__CORE__LOAD_EXAMPLES="False",
+        AIRFLOW__CORE__DAGS_FOLDER=str(DAGS),
+        PATH=f"{venv / 'bin'}:{env.get('PATH', '')}:/usr/sbin:/sbin",
+    )
+    run = subprocess.run([str(venv / "bin" / "airflow"), "db", "migrate"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    yield {"python": python, "env": env}
+
+
+def make_ext4_image(tmp_path: Path, fmt: str) -> tuple[Path, bytes]:
+    """An image holding an ext4 file system with some files; returns it and its guest content."""
+    content = tmp_path / "content"
+    (content / "etc").mkdir(parents=True)
+    (content / "etc" / "hostname").write_text("imported-by-vdisk\n")
+    (content / "data.bin").write_bytes(pattern(5 * MiB + 123, 9))
+    raw = tmp_path / "fs.raw"
+    subprocess.run([need("mkfs.ext4"), "-q", "-F", "-d", str(content), str(raw), str(IMAGE_SIZE // 1024)], check=True)
+    guest = raw.read_bytes()
+    if fmt == "raw":
+        image = tmp_path / "image.source"
+        raw.rename(image)
+    else:
+        image = tmp_path / "image.source"  # no extension, as uploads arrive
+        qemu_img("convert", "-c", "-f", "raw", "-O", fmt, str(raw), str(image))
+    return image, guest
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_dag_converts_onto_a_loop_device(fmt: str, airflow: dict[str, Any], tmp_path: Path, loop_device: Any) -> None:
+    image, guest = make_ext4_image(tmp_path, fmt)
+    try:
+        device = loop_device(GiB, name="volume.img")
+    except pytest.skip.Exception as skip:
+        print(f"SKIP: the Airflow DAG test needs a loop device: {skip}", file=sys.__stderr__, flush=True)
+        raise
+    # Garbage where the disk goes, and a marker after it that must survive.
+    with open(device, "r+b") as dev:
+        dev.write(b"\xa5" * IMAGE_SIZE)
+        dev.write(MARKER)
+
+    conf = {"image": str(image), "device": device, "min_volume_gb": 1}
+    run = subprocess.run(
+        [airflow["python"], "-c", DRIVER, str(DAGS), json.dumps(conf)],
+        env=airflow["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = run.stdout + run.stderr
+    result_lines = [line for line in run.stdout.splitlines() if line.startswith("DAG-RESULT ")]
+    assert run.returncode == 0 and result_lines, out[-6000:]
+    result = json.loads(result_lines[-1][len("DAG-RESULT ") :])
+    assert result["state"] == "success", out[-6000:]
+    assert result["tasks"] == {t: "success" for t in ("inspect_image", "volume_size", "convert", "verify")}, result
+
+    # The device holds the guest content, and nothing past it was touched.
+    with open(device, "rb") as dev:
+        assert hashlib.sha256(dev.read(len(guest))).hexdigest() == hashlib.sha256(guest).hexdigest()
+        assert dev.read(len(MARKER)) == MARKER
+
+    # The convert task's log has the progress lines, ending at 100 %.
+    start = out.index("starting task_id=convert")
+    end = out.index("end task task_id=convert", start)
+    convert_log = out[start:end]
+    progress = [line for line in convert_log.splitlines() if "vdisk progress:" in line]
+    assert progress, convert_log[-4000:]
+    assert "(100.0%)" in progress[-1]
+    # The other steps reported what they found.
+    assert f"format {fmt}, virtual size {IMAGE_SIZE} bytes" in out
+    assert "volume size: 1 GiB" in out
+    assert "device content verified" in out
+    assert f"e2fsck -fn {device}: exit 0" in out
