@@ -161,6 +161,62 @@ pub(crate) fn map_backing(backing: Option<&Layer>, offset: u64, len: u64, out: &
     Ok(())
 }
 
+/// Collects one `map` call's extents for a format with a backing file or parent: merges
+/// neighbours and sends each run the backing provides through [`map_backing`] in one piece.
+#[derive(Debug)]
+pub(crate) struct Emitter<'a> {
+    out: &'a mut Vec<Extent>,
+    first: usize,
+    backing: Option<&'a Layer>,
+    pending: Option<(u64, u64)>,
+}
+
+impl<'a> Emitter<'a> {
+    /// Append to `out`, falling through to `backing` (or unallocated when `None`).
+    pub(crate) fn new(out: &'a mut Vec<Extent>, backing: Option<&'a Layer>) -> Self {
+        Emitter { first: out.len(), out, backing, pending: None }
+    }
+
+    /// Extents emitted by this call so far.
+    pub(crate) fn count(&self) -> usize {
+        self.out.len() - self.first + usize::from(self.pending.is_some())
+    }
+
+    /// Append `e`, merged into the previous extent of this call where it continues it.
+    pub(crate) fn push(&mut self, e: Extent) -> Result<()> {
+        self.flush()?;
+        if self.out.len() > self.first {
+            if let Some(last) = self.out.last_mut() {
+                if last.try_merge(&e) {
+                    return Ok(());
+                }
+            }
+        }
+        self.out.push(e);
+        Ok(())
+    }
+
+    /// `start..start + len` is allocated nowhere in this layer: the backing provides it.
+    pub(crate) fn fall_through(&mut self, start: u64, len: u64) -> Result<()> {
+        match self.pending {
+            Some((s, l)) if s + l == start => self.pending = Some((s, l + len)),
+            _ => {
+                self.flush()?;
+                self.pending = Some((start, len));
+            }
+        }
+        Ok(())
+    }
+
+    /// Map the pending fall-through run; call once at the end of `map`.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if let Some((s, l)) = self.pending.take() {
+            map_backing(self.backing, s, l, self.out)?;
+        }
+        Ok(())
+    }
+}
+
 /// One file held open by an image.
 #[derive(Debug)]
 struct OpenFile {

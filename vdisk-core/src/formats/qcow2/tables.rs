@@ -4,7 +4,7 @@ use super::error::invalid;
 use super::header::Header;
 use crate::error::Result;
 use crate::extent::{Extent, ExtentKind};
-use crate::image::{map_backing, Layer, OpenContext};
+use crate::image::{map_backing, Emitter, Layer, OpenContext};
 use crate::io::ReadAt;
 
 /// L1 entry: offset of the L2 table (bits 9-55).
@@ -129,48 +129,6 @@ pub(super) struct Mapper<'a> {
     pub(super) data_file: Option<crate::extent::FileId>,
 }
 
-/// Appends extents, merging neighbours, and sends runs with nothing allocated to the backing file.
-struct Emitter<'a, 'b> {
-    out: &'b mut Vec<Extent>,
-    first: usize,
-    pending: Option<(u64, u64)>,
-    backing: Option<&'a Layer>,
-}
-
-impl Emitter<'_, '_> {
-    fn push(&mut self, e: Extent) -> Result<()> {
-        self.flush()?;
-        if self.out.len() > self.first {
-            if let Some(last) = self.out.last_mut() {
-                if last.try_merge(&e) {
-                    return Ok(());
-                }
-            }
-        }
-        self.out.push(e);
-        Ok(())
-    }
-
-    /// `start..start + len` is allocated nowhere in this image.
-    fn fall_through(&mut self, start: u64, len: u64) -> Result<()> {
-        match &mut self.pending {
-            Some((s, l)) if *s + *l == start => *l += len,
-            _ => {
-                self.flush()?;
-                self.pending = Some((start, len));
-            }
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if let Some((s, l)) = self.pending.take() {
-            map_backing(self.backing, s, l, self.out)?;
-        }
-        Ok(())
-    }
-}
-
 impl Mapper<'_> {
     fn l1_entry(&self, index: u64) -> u64 {
         usize::try_from(index).ok().and_then(|i| self.l1.get(i)).copied().unwrap_or(0)
@@ -225,7 +183,7 @@ impl Mapper<'_> {
         // At most one cluster (2 MiB): the slice of the table this range needs.
         let entries =
             crate::io::read_vec(self.src, l2_offset + first * geo.entry_bytes, count * geo.entry_bytes, what)?;
-        let mut em = Emitter { first: out.len(), out, pending: None, backing: self.backing };
+        let mut em = Emitter::new(out, self.backing);
         for (i, raw) in (0..count).zip(entries.chunks_exact(crate::io::to_usize(geo.entry_bytes, what)?)) {
             let index = first + i;
             let cluster_start = base + (index << geo.cluster_bits);
@@ -239,7 +197,7 @@ impl Mapper<'_> {
         em.flush()
     }
 
-    fn map_entry(&self, at: &Where, entry: u64, bitmap: u64, s: u64, e: u64, em: &mut Emitter<'_, '_>) -> Result<()> {
+    fn map_entry(&self, at: &Where, entry: u64, bitmap: u64, s: u64, e: u64, em: &mut Emitter<'_>) -> Result<()> {
         let h = self.header;
         let cs = self.geo.cluster_size;
         if entry & OFLAG_COMPRESSED != 0 {

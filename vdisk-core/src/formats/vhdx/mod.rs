@@ -48,7 +48,7 @@ use self::metadata::Metadata;
 use self::region::{Region, Regions};
 use crate::error::Result;
 use crate::extent::{Extent, ExtentKind, FileId, Location};
-use crate::image::{map_backing, ImageFormat, Layer, OpenContext};
+use crate::image::{Emitter, ImageFormat, Layer, OpenContext};
 use crate::info::{CheckReport, ImageInfo};
 use crate::io::{self, ReadAt};
 use crate::limits::MetadataBudget;
@@ -173,7 +173,7 @@ impl VhdxImage {
                     },
                 ))?;
             } else {
-                em.parent(at, run_end - at)?;
+                em.fall_through(at, run_end - at)?;
             }
             at = run_end;
             s = e;
@@ -195,54 +195,6 @@ impl VhdxImage {
     }
 }
 
-/// Collects one `map` call's extents: merges neighbours and sends runs that the parent provides
-/// through [`map_backing`] in one piece.
-struct Emitter<'a> {
-    out: &'a mut Vec<Extent>,
-    first: usize,
-    parent: Option<&'a Layer>,
-    pending: Option<(u64, u64)>,
-}
-
-impl Emitter<'_> {
-    /// Extents emitted by this call so far.
-    fn count(&self) -> usize {
-        self.out.len() - self.first + usize::from(self.pending.is_some())
-    }
-
-    fn push(&mut self, e: Extent) -> Result<()> {
-        self.flush()?;
-        if self.out.len() > self.first {
-            if let Some(last) = self.out.last_mut() {
-                if last.try_merge(&e) {
-                    return Ok(());
-                }
-            }
-        }
-        self.out.push(e);
-        Ok(())
-    }
-
-    /// `start..start + len` comes from the parent (unallocated when there is none).
-    fn parent(&mut self, start: u64, len: u64) -> Result<()> {
-        match self.pending {
-            Some((s, l)) if s + l == start => self.pending = Some((s, l + len)),
-            _ => {
-                self.flush()?;
-                self.pending = Some((start, len));
-            }
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if let Some((s, l)) = self.pending.take() {
-            map_backing(self.parent, s, l, self.out)?;
-        }
-        Ok(())
-    }
-}
-
 impl ImageFormat for VhdxImage {
     fn backing_layer(&self) -> Option<&Layer> {
         self.parent.as_deref()
@@ -255,8 +207,7 @@ impl ImageFormat for VhdxImage {
     fn map(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
         let end = offset.saturating_add(len).min(self.md.virtual_size);
         let bs = self.bat.block_size;
-        let first = out.len();
-        let mut em = Emitter { out, first, parent: self.parent.as_deref(), pending: None };
+        let mut em = Emitter::new(out, self.parent.as_deref());
         let mut pos = offset;
         let mut blocks = 0;
         while pos < end && blocks < MAX_BLOCKS_PER_MAP && em.count() < MAX_EXTENTS_PER_MAP {
@@ -281,7 +232,7 @@ impl ImageFormat for VhdxImage {
                 }
                 BlockState::NotPresent | BlockState::Undefined => {
                     if self.md.has_parent {
-                        em.parent(pos, n)?;
+                        em.fall_through(pos, n)?;
                     } else {
                         em.push(Extent::new(pos, n, ExtentKind::Unallocated))?;
                     }
