@@ -82,8 +82,9 @@ pub fn format(data: &[u8], format: Format) {
     }
 }
 
-/// Largest virtual size converted per input (into a temporary file).
-const MAX_CONVERT_BYTES: u64 = 64 << 20;
+/// Largest virtual size converted per input (into a temporary file): enough for every fixture's
+/// structures, small enough to keep thousands of executions per second.
+const MAX_CONVERT_BYTES: u64 = 8 << 20;
 
 /// Convert serially and in parallel (small items) and compare the outputs.
 pub fn convert(data: &[u8]) {
@@ -95,7 +96,7 @@ pub fn convert(data: &[u8]) {
     let serial = dir.path().join("serial.raw");
     let parallel = dir.path().join("parallel.raw");
     let one = ConvertOptions { threads: Some(1), ..ConvertOptions::default() };
-    let many = ConvertOptions { threads: Some(3), item_size: 4096, ..ConvertOptions::default() };
+    let many = ConvertOptions { threads: Some(3), item_size: 16 << 10, ..ConvertOptions::default() };
     let a = vdisk_core::convert(&image, &serial, &one);
     let b = vdisk_core::convert(&image, &parallel, &many);
     assert_eq!(a.is_ok(), b.is_ok(), "serial and parallel agree on success: {a:?} {b:?}");

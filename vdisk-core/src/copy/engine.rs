@@ -187,11 +187,21 @@ pub(crate) fn execute(
         })
     };
     let result = std::thread::scope(|s| {
-        let handle = s.spawn(run);
+        // The copy runs on its own thread; this one reports progress and watches for
+        // cancellation, and is woken the moment the copy ends (no polling latency).
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let handle = s.spawn(move || {
+            let r = run();
+            let _ = done_tx.send(());
+            r
+        });
         let mut last = Instant::now();
         let tick = reporting.interval.min(Duration::from_millis(50)).max(Duration::from_millis(1));
-        while !handle.is_finished() {
-            std::thread::sleep(tick);
+        loop {
+            match done_rx.recv_timeout(tick) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => break,
+            }
             if reporting.cancel.is_some_and(|c| c.load(Relaxed)) {
                 stop.store(true, Relaxed);
             }
