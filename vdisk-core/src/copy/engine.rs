@@ -197,11 +197,7 @@ pub(crate) fn execute(
         });
         let mut last = Instant::now();
         let tick = reporting.interval.min(Duration::from_millis(50)).max(Duration::from_millis(1));
-        loop {
-            match done_rx.recv_timeout(tick) {
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                _ => break,
-            }
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(tick) {
             if reporting.cancel.is_some_and(|c| c.load(Relaxed)) {
                 stop.store(true, Relaxed);
             }
