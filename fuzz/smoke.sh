@@ -9,7 +9,7 @@ if cargo fuzz --version >/dev/null 2>&1 && rustup run nightly rustc --version >/
   seconds=${FUZZ_SMOKE_SECONDS:-8}
   for target in probe qcow2 vmdk vhd vhdx convert; do
     corpus=$(mktemp -d)
-    find ../testdata -type f -size -1M ! -name '*.sh' ! -name '*.py' ! -name '*.tsv' ! -name '*.md' -exec cp {} "$corpus/" \;
+    find ../testdata -type f -size -1024k ! -name '*.sh' ! -name '*.py' ! -name '*.tsv' ! -name '*.md' -exec cp {} "$corpus/" \;
     cargo +nightly fuzz run "$target" "$corpus" -- -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 2>&1 | tail -n 2
     rm -rf "$corpus"
   done
