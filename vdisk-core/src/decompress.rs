@@ -22,7 +22,7 @@ pub struct ReadScratch {
     unit: Vec<u8>,
     deflate: Option<Decompress>,
     zlib: Option<Decompress>,
-    zstd: Option<ruzstd::decoding::FrameDecoder>,
+    zstd: Option<structured_zstd::decoding::FrameDecoder>,
 }
 
 impl std::fmt::Debug for ReadScratch {
@@ -79,7 +79,9 @@ pub(crate) fn read_unit(
             inflate(deflate.get_or_insert_with(|| Decompress::new(false)), false, stored, out, unit)?
         }
         Compression::Zlib => inflate(zlib.get_or_insert_with(|| Decompress::new(true)), true, stored, out, unit)?,
-        Compression::Zstd => unzstd(zstd.get_or_insert_with(ruzstd::decoding::FrameDecoder::new), stored, out, unit)?,
+        Compression::Zstd => {
+            unzstd(zstd.get_or_insert_with(structured_zstd::decoding::FrameDecoder::new), stored, out, unit)?
+        }
     }
     if !whole {
         let from = to_usize(unit.skip, "compressed unit")?;
@@ -141,14 +143,19 @@ fn zstd_window_ok(header: &[u8], unit_len: u64) -> bool {
     size <= limit
 }
 
-fn unzstd(dec: &mut ruzstd::decoding::FrameDecoder, input: &[u8], out: &mut [u8], unit: &CompressedUnit) -> Result<()> {
+fn unzstd(
+    dec: &mut structured_zstd::decoding::FrameDecoder,
+    input: &[u8],
+    out: &mut [u8],
+    unit: &CompressedUnit,
+) -> Result<()> {
     let bad = |why: String| Error::invalid(format!("compressed zstd data at {:#x}: {why}", unit.offset));
     if !zstd_window_ok(input, unit.unit_len) {
         return Err(bad("the frame header is invalid or asks for a window larger than the cluster".into()));
     }
     let mut source = input;
-    let mut stream =
-        ruzstd::decoding::StreamingDecoder::new_with_decoder(&mut source, dec).map_err(|e| bad(e.to_string()))?;
+    let mut stream = structured_zstd::decoding::StreamingDecoder::new_with_decoder(&mut source, dec)
+        .map_err(|e| bad(e.to_string()))?;
     let mut filled = 0;
     while filled < out.len() {
         match stream.read(&mut out[filled..]) {

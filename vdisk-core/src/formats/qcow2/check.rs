@@ -31,6 +31,12 @@ const BME_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
 const BME_ALL_ONES: u64 = 1;
 /// Table entries read at a time when walking L1 and bitmap tables.
 const CHUNK_ENTRIES: u64 = 8192;
+/// Table entries a check may examine per 8 bytes of file (an L2 table shared by snapshots is
+/// walked once per reference, as qemu does): real images stay far below; a forged image whose
+/// snapshots all point at the same huge tables would otherwise keep `check` busy for hours.
+const CHECK_WORK_PER_ENTRY: u64 = 64;
+/// Table entries a check may always examine, whatever the file size (about a second of work).
+const MIN_CHECK_WORK: u64 = 1 << 26;
 
 /// What an L2 entry describes, as `qemu-img check` classifies it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -105,6 +111,9 @@ pub(super) struct Checker<'a> {
     frag: FragInfo,
     /// A cluster-sized buffer for L2 tables.
     l2_buf: Vec<u8>,
+    /// Table entries examined so far, and the most allowed.
+    work: u64,
+    work_limit: u64,
 }
 
 impl<'a> Checker<'a> {
@@ -147,6 +156,8 @@ impl<'a> Checker<'a> {
             block_cache: None,
             frag: FragInfo::default(),
             l2_buf: vec![0; crate::io::to_usize(cs, "L2 table")?],
+            work: 0,
+            work_limit: (file_len / 8).saturating_mul(CHECK_WORK_PER_ENTRY).max(MIN_CHECK_WORK),
         })
     }
 
@@ -203,6 +214,19 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
+    /// Account for examining `entries` more table entries, failing once the work is out of
+    /// proportion to the file.
+    fn charge(&mut self, entries: u64) -> Result<()> {
+        self.work = self.work.saturating_add(entries);
+        if self.work > self.work_limit {
+            return Err(Error::limit(format!(
+                "qcow2 check stopped after examining {} table entries, out of proportion to a file of {} bytes: the tables reference each other over and over (a corrupt or forged image)",
+                self.work_limit, self.file_len
+            )));
+        }
+        Ok(())
+    }
+
     /// Count one reference to every cluster of `offset..offset + size`.
     fn inc(&mut self, report: &mut CheckReport, offset: u64, size: u64) {
         if size == 0 {
@@ -248,6 +272,7 @@ impl<'a> Checker<'a> {
             if at >= self.file_len {
                 break; // the rest reads as zeros: no entries
             }
+            self.charge(n)?;
             chunk.resize(crate::io::to_usize(n * 8, "L1 table")?, 0);
             read_zero_fill(self.src, at, &mut chunk, "L1 table")?;
             let entries: Vec<u64> = chunk.chunks_exact(8).map(be64).collect();
@@ -314,6 +339,7 @@ impl<'a> Checker<'a> {
     }
 
     fn check_l2(&mut self, report: &mut CheckReport, l2_offset: u64, active: bool) -> Result<()> {
+        self.charge(self.img.geo.l2_entries)?;
         self.read_l2(l2_offset)?;
         let has_data_file = self.img.header.has_data_file();
         let mut next_contiguous = 0u64;
@@ -406,6 +432,7 @@ impl<'a> Checker<'a> {
                 if at >= self.file_len {
                     break;
                 }
+                self.charge(n)?;
                 chunk.resize(crate::io::to_usize(n * 8, "bitmap table")?, 0);
                 read_zero_fill(self.src, at, &mut chunk, "bitmap table")?;
                 let entries: Vec<u64> = chunk.chunks_exact(8).map(be64).collect();
@@ -518,6 +545,7 @@ impl<'a> Checker<'a> {
             if at >= self.file_len {
                 break;
             }
+            self.charge(n)?;
             chunk.resize(crate::io::to_usize(n * 8, "L1 table")?, 0);
             read_zero_fill(self.src, at, &mut chunk, "L1 table")?;
             let l1: Vec<u64> = chunk.chunks_exact(8).map(be64).collect();

@@ -193,7 +193,7 @@ impl SparseExtent {
         }
         // Leaks: whole grains of file space past the metadata that no entry uses.
         let meta_end = meta.iter().map(|m| m.1).max().unwrap_or(0).max(h.overhead);
-        let mut pos = meta_end.div_ceil(gs) * gs;
+        let mut pos = meta_end.div_ceil(gs).saturating_mul(gs);
         let mut leaked = 0u64;
         for &(off, _) in &grains {
             if off > pos {
