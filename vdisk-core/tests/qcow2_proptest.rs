@@ -59,7 +59,7 @@ fn put64(buf: &mut Vec<u8>, at: u64, v: u64) {
 
 fn compress(data: &[u8], zstd: bool) -> Vec<u8> {
     if zstd {
-        ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest)
+        structured_zstd::encoding::compress_to_vec(data, structured_zstd::encoding::CompressionLevel::Fastest)
     } else {
         let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         e.write_all(data).unwrap();
