@@ -50,6 +50,9 @@ pub struct Args {
     /// Copy threads (default: every core).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: Option<u16>,
+    /// Bytes per work item (tuning; default 4 MiB, at least 4 KiB).
+    #[arg(long, value_name = "BYTES", hide_short_help = true)]
+    item_size: Option<u64>,
     /// Source image.
     src: PathBuf,
     /// Target file or block device.
@@ -91,6 +94,7 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
         must_exist: args.no_create,
         require_device: args.output_format == OutputFormat::HostDevice,
         direct_io: args.cache == CacheMode::None,
+        item_size: args.item_size.unwrap_or(vdisk_core::DEFAULT_ITEM_SIZE),
         progress: Some(&callback),
         cancel: Some(&INTERRUPTED),
         ..ConvertOptions::default()

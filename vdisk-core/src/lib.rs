@@ -42,7 +42,7 @@ mod limits;
 mod policy;
 mod probe;
 
-pub use copy::{convert, ConvertOptions, ConvertReport, Progress, TargetKind};
+pub use copy::{convert, default_threads, ConvertOptions, ConvertReport, Progress, TargetKind, DEFAULT_ITEM_SIZE};
 pub use decompress::ReadScratch;
 pub use error::{Error, ErrorKind, Result};
 pub use extent::{CompressedUnit, Compression, Extent, ExtentKind, FileId, Location};
