@@ -623,3 +623,32 @@ impl Iterator for Extents<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One image is shared by many copy threads: it must stay `Send + Sync` whatever the readers
+    /// hold.
+    #[test]
+    fn images_are_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Image>();
+        assert_send_sync::<Layer>();
+    }
+
+    #[test]
+    fn reads_past_the_end_are_short_and_extents_cover_the_disk() {
+        let src: Arc<dyn ReadAt> = Arc::new(crate::io::MemSource(Arc::from(&b"0123456789"[..])));
+        let img = Image::from_source(src, &OpenOptions::default()).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(img.read_at(&mut buf, 6).unwrap(), 4);
+        assert_eq!(&buf[..4], b"6789");
+        assert_eq!(img.read_at(&mut buf, 10).unwrap(), 0);
+        let extents: Vec<Extent> = img.extents().map(|e| e.unwrap()).collect();
+        assert_eq!(extents.len(), 1);
+        assert_eq!((extents[0].start, extents[0].len), (0, 10));
+        let clipped: Vec<Extent> = img.extents_in(3, 5).map(|e| e.unwrap()).collect();
+        assert_eq!((clipped[0].start, clipped[0].len), (3, 2));
+    }
+}
