@@ -470,12 +470,6 @@ impl Image {
         self.files.get(file.index()).and_then(|f| f.path.as_deref())
     }
 
-    /// The plain file behind `file`, when its bytes are exactly what the extents address
-    /// (kernel copies are then possible).
-    pub(crate) fn source_file(&self, file: FileId) -> Option<&File> {
-        self.files.get(file.index()).and_then(|f| f.src.as_file())
-    }
-
     /// (device, inode) of every file this image reads, to refuse writing onto one of them.
     pub(crate) fn file_ids(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.files.iter().filter_map(|f| f.id)

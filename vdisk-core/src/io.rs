@@ -26,12 +26,6 @@ pub trait ReadAt: Send + Sync + fmt::Debug {
         None
     }
 
-    /// The file behind this source, when its bytes are exactly the file's (so the kernel may
-    /// copy them directly); `None` for sources that transform what they read.
-    fn as_file(&self) -> Option<&File> {
-        None
-    }
-
     /// Fill `buf` from `offset`; bytes past the end of the source read as zeros, as qemu's file
     /// driver does. Returns how many bytes came from the source.
     fn read_at_zero_fill(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -79,10 +73,6 @@ impl ReadAt for FileSource {
 
     fn size(&self) -> u64 {
         self.size
-    }
-
-    fn as_file(&self) -> Option<&File> {
-        Some(&self.file)
     }
 
     fn next_data(&self, offset: u64) -> Option<io::Result<Option<(u64, u64)>>> {

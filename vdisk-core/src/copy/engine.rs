@@ -11,7 +11,6 @@ use super::plan::{Planner, WorkItem};
 use super::sink::{Sink, DIRECT_ALIGN};
 use crate::decompress::ReadScratch;
 use crate::error::{Error, ErrorKind, Result};
-use crate::extent::{Extent, ExtentKind, Location};
 use crate::image::Image;
 
 /// Granule of zero detection in data items: the file-system block size, so that a zero granule
@@ -77,10 +76,6 @@ impl Worker<'_> {
                 self.counters.done.fetch_add(len, Relaxed);
             }
             WorkItem::Data { start, len, pieces } => {
-                if self.sink.can_copy_range() && self.kernel_copy(&pieces)? {
-                    self.counters.done.fetch_add(len, Relaxed);
-                    return Ok(());
-                }
                 let n = usize::try_from(len).map_err(|_| Error::invalid("work item too large"))?;
                 let buf = self.buf.resize(n);
                 for piece in &pieces {
@@ -93,47 +88,6 @@ impl Worker<'_> {
             }
         }
         Ok(())
-    }
-
-    /// Copy an item whose data all lies uncompressed in plain files with `copy_file_range`, one
-    /// kernel copy instead of a read and a write. Returns false (having written nothing) when an
-    /// extent needs reading (compressed, or a transformed source) or the target refuses.
-    fn kernel_copy(&mut self, pieces: &[Extent]) -> Result<bool> {
-        let mut sources = Vec::with_capacity(pieces.len());
-        for p in pieces {
-            match p.kind {
-                ExtentKind::Data { location: Location::File { file, offset }, .. } => {
-                    let Some(f) = self.image.source_file(file) else { return Ok(false) };
-                    sources.push(Some((f, offset)));
-                }
-                ExtentKind::Data { .. } => return Ok(false),
-                _ => sources.push(None),
-            }
-        }
-        let zero_needed = self.sink.zero_needed();
-        for (p, source) in pieces.iter().zip(sources) {
-            let zero_from = match source {
-                Some((f, offset)) => {
-                    let copied = self
-                        .sink
-                        .copy_range(f, offset, p.start, p.len)
-                        .map_err(|e| Error::io(format!("copying to the target at {:#x}", p.start), e))?;
-                    let Some(copied) = copied else { return Ok(false) };
-                    self.counters.written.fetch_add(copied, Relaxed);
-                    // Past the end of its file an extent reads as zeros.
-                    p.start + copied
-                }
-                None => p.start,
-            };
-            if zero_needed && zero_from < p.end() {
-                let n = p.end() - zero_from;
-                self.sink
-                    .zero_range(zero_from, n)
-                    .map_err(|e| Error::io(format!("zeroing the target at {zero_from:#x}"), e))?;
-                self.counters.zeroed.fetch_add(n, Relaxed);
-            }
-        }
-        Ok(true)
     }
 
     /// Write the buffer at `start`, leaving out zero granules (holes in a new file, zeroed ranges

@@ -19,8 +19,6 @@ const ZERO_BUF_BYTES: usize = 1 << 20;
 /// Alignment of offsets, lengths and buffers for `O_DIRECT` writes: 4 KiB satisfies devices
 /// with 512-byte and 4096-byte logical blocks alike.
 pub(crate) const DIRECT_ALIGN: usize = 4096;
-/// Largest single `copy_file_range` call (the kernel caps one call near 2 GiB anyway).
-const COPY_CHUNK: usize = 1 << 30;
 
 /// What kind of target a conversion wrote to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,8 +72,6 @@ pub(crate) struct Sink {
     can_punch: std::sync::atomic::AtomicBool,
     /// `BLKZEROOUT` works on this device (cleared after the first refusal).
     can_zeroout: std::sync::atomic::AtomicBool,
-    /// `copy_file_range` works into this target (cleared after the first refusal).
-    can_copy: std::sync::atomic::AtomicBool,
 }
 
 /// Open `path` as the target for `size` bytes, refusing it when it is one of `sources`
@@ -157,15 +153,7 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 
 impl Sink {
     fn new(file: Option<File>, kind: TargetKind, zero_needed: bool) -> Self {
-        Sink {
-            file,
-            direct: None,
-            kind,
-            zero_needed,
-            can_punch: true.into(),
-            can_zeroout: true.into(),
-            can_copy: true.into(),
-        }
+        Sink { file, direct: None, kind, zero_needed, can_punch: true.into(), can_zeroout: true.into() }
     }
 
     /// Open the `O_DIRECT` descriptor when asked to.
@@ -189,56 +177,6 @@ impl Sink {
     /// Whether zero ranges must be written to make them read as zero.
     pub(crate) fn zero_needed(&self) -> bool {
         self.zero_needed
-    }
-
-    /// Copy `len` bytes at `src_offset` of `src` to `offset` inside the kernel
-    /// (`copy_file_range`: one copy instead of a read and a write, or a shared extent where the
-    /// file system can). Returns how many bytes were copied (fewer at the end of `src`), or
-    /// `None` when this target cannot take kernel copies (the caller then reads and writes).
-    pub(crate) fn copy_range(&self, src: &File, src_offset: u64, offset: u64, len: u64) -> io::Result<Option<u64>> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let Some(dst) = &self.file else { return Ok(Some(len)) };
-        if !self.can_copy.load(Relaxed) || self.direct.is_some() {
-            return Ok(None);
-        }
-        let mut done = 0u64;
-        while done < len {
-            let (Ok(mut off_in), Ok(mut off_out)) =
-                (libc::loff_t::try_from(src_offset + done), libc::loff_t::try_from(offset + done))
-            else {
-                return Err(io::Error::from(io::ErrorKind::InvalidInput));
-            };
-            let chunk = usize::try_from(len - done).unwrap_or(usize::MAX).min(COPY_CHUNK);
-            // SAFETY: copy_file_range between two descriptors this process owns, with offsets
-            // passed through pointers to live locals; it does not touch the file positions.
-            let n =
-                unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, chunk, 0) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if done == 0
-                    && matches!(
-                        err.raw_os_error(),
-                        Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS | libc::EBADF)
-                    )
-                {
-                    self.can_copy.store(false, Relaxed);
-                    return Ok(None);
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                break; // the end of the source
-            }
-            done += n.unsigned_abs() as u64;
-        }
-        Ok(Some(done))
-    }
-
-    /// Whether [`Sink::copy_range`] may be tried.
-    pub(crate) fn can_copy_range(&self) -> bool {
-        self.can_copy.load(std::sync::atomic::Ordering::Relaxed)
-            && self.direct.is_none()
-            && matches!(self.kind, TargetKind::NewFile | TargetKind::ExistingFile)
     }
 
     /// Write `buf` at `offset`.
