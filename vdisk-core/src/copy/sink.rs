@@ -72,10 +72,6 @@ pub(crate) struct Sink {
     can_punch: std::sync::atomic::AtomicBool,
     /// `BLKZEROOUT` works on this device (cleared after the first refusal).
     can_zeroout: std::sync::atomic::AtomicBool,
-    /// Serialises buffered writes into a regular file: the file system takes the inode lock for
-    /// each write anyway, and a thread waiting here sleeps, leaving the CPU to the threads that
-    /// decompress, where one waiting in the kernel spins.
-    file_lock: Option<std::sync::Mutex<()>>,
 }
 
 /// Open `path` as the target for `size` bytes, refusing it when it is one of `sources`
@@ -157,9 +153,7 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 
 impl Sink {
     fn new(file: Option<File>, kind: TargetKind, zero_needed: bool) -> Self {
-        let file_lock =
-            matches!(kind, TargetKind::NewFile | TargetKind::ExistingFile).then(|| std::sync::Mutex::new(()));
-        Sink { file, direct: None, kind, zero_needed, can_punch: true.into(), can_zeroout: true.into(), file_lock }
+        Sink { file, direct: None, kind, zero_needed, can_punch: true.into(), can_zeroout: true.into() }
     }
 
     /// Open the `O_DIRECT` descriptor when asked to.
@@ -194,10 +188,7 @@ impl Sink {
             {
                 d.write_all_at(buf, offset)
             }
-            (_, Some(f)) => {
-                let _serial = self.file_lock.as_ref().map(|l| l.lock());
-                f.write_all_at(buf, offset)
-            }
+            (_, Some(f)) => f.write_all_at(buf, offset),
             _ => Ok(()),
         }
     }
