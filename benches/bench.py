@@ -63,17 +63,27 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
 
 
+TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+
+
 def timed(cmd: list[str]) -> tuple[float, int]:
-    """Run cmd; return (wall seconds, peak RSS bytes of the child)."""
+    """Run cmd; return (wall seconds, peak RSS bytes of the child).
+
+    Peak RSS comes from GNU time's %M: the rusage of a child started by Python would include
+    Python's own pages (vfork shares them until exec), hiding anything smaller than Python.
+    """
+    argv = [TIME, "-f", "%M", *cmd] if TIME else cmd
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    err = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err}")
-    return elapsed, usage.ru_maxrss * 1024
+    rss = 0
+    if TIME:
+        last = err.strip().splitlines()[-1] if err.strip() else "0"
+        rss = int(last) * 1024 if last.isdigit() else 0
+    return elapsed, rss
 
 
 def fill_tree(dest: Path, budget: int) -> int:
