@@ -132,7 +132,7 @@ def make_disk(work: Path, disk: int, data: int) -> Path:
     return raw
 
 
-def machine() -> str:
+def machine(target: Path) -> str:
     cpu = "unknown CPU"
     try:
         for line in open("/proc/cpuinfo"):
@@ -144,7 +144,7 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    fs = subprocess.run(["df", "-T", str(ROOT)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    fs = subprocess.run(["df", "-T", str(target)], capture_output=True, text=True).stdout.splitlines()[-1].split()
     return (
         f"{os.cpu_count()} cores ({cpu}), {human(mem)} RAM, kernel {platform.release()}, "
         f"target file system {fs[1] if len(fs) > 1 else '?'}; {qemu}; vdisk {commit}"
@@ -169,7 +169,7 @@ def main() -> None:
     vdisk = str(ROOT / "target" / "release" / "vdisk")
     out = (args.target_dir or args.work) / "out.raw"
 
-    lines = [f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.rounds} rounds", "", machine(), ""]
+    lines = [f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.rounds} rounds", "", machine(out.parent), ""]
     header = "| disk | variant | image size | vdisk median s | qemu-img median s | ratio | vdisk peak RSS | qemu-img peak RSS |"
     lines += [header, "|---|---|---|---|---|---|---|---|"]
     print(header)
