@@ -212,20 +212,12 @@ fn extended_l2_subclusters() {
         // With a backing file: unallocated subclusters fall through to it.
         let base = create(dir.path(), &format!("extbase{cluster}.qcow2"), size, "");
         scribble(&base, 45 + i as u64, size, 65536, 40, false);
-        let top = dir.path().join(format!("exttop{cluster}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("extended_l2=on,cluster_size={cluster}"),
-            "-b",
-            base.file_name().unwrap().to_str().unwrap(),
-            "-F",
-            "qcow2",
-            top.to_str().unwrap(),
-        ]);
+        let top = create(
+            dir.path(),
+            &format!("exttop{cluster}.qcow2"),
+            size,
+            &format!("extended_l2=on,cluster_size={cluster},backing_file=extbase{cluster}.qcow2,backing_fmt=qcow2"),
+        );
         scribble(&top, 48 + i as u64, size, cluster, 60, false);
         assert_matches_qemu(&top, "qcow2", ReferencePolicy::SameDir, true);
     }
@@ -280,38 +272,13 @@ fn chain_of_three_with_raw_base() {
     qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), &(12 * MIB).to_string()]);
     let mut rng = Rng::new(70);
     qemu_io("raw", &base, &random_io_commands(&mut rng, 12 * MIB, 65536, 40, false));
-    let mid = dir.path().join("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        mid.to_str().unwrap(),
-        &(6 * MIB).to_string(),
-    ]);
+    let mid = create(dir.path(), "mid.qcow2", 6 * MIB, "backing_file=base.raw,backing_fmt=raw");
     scribble(&mid, 71, 6 * MIB, 65536, 40, false);
-    let top = dir.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        &(16 * MIB).to_string(),
-    ]);
+    let top = create(dir.path(), "top.qcow2", 16 * MIB, "backing_file=mid.qcow2,backing_fmt=qcow2");
     scribble(&top, 72, 16 * MIB, 65536, 40, true);
     assert_matches_qemu(&top, "qcow2", ReferencePolicy::SameDir, true);
     // Without a recorded backing format the backing file is probed.
-    let top2 = dir.path().join("top2.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top2.to_str().unwrap()]);
+    let top2 = create(dir.path(), "top2.qcow2", 6 * MIB, "backing_file=mid.qcow2,backing_fmt=qcow2");
     // Turn the backing format extension into an unknown one (skipped by readers).
     let mut bytes = std::fs::read(&top2).unwrap();
     let at = bytes[..65536].windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).unwrap();
