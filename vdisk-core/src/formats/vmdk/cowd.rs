@@ -14,7 +14,7 @@ use crate::image::OpenContext;
 use crate::info::CheckReport;
 use crate::io::{read_exact, ReadAt};
 
-use super::grains::{load_tables, read_directory, with_check_mem, GrainLookup, GrainTables, Mem, TableSpec};
+use super::grains::{load_tables, read_directory, tables_for_check, GrainLookup, GrainTables, Mem, TableSpec};
 use super::header::SECTOR;
 
 /// `COWD` read as a little-endian u32.
@@ -147,16 +147,9 @@ impl CowdExtent {
 
     /// Grains that extend past the end of the file or overlap another grain.
     pub(crate) fn check(&self, name: &str, report: &mut CheckReport) {
-        let loaded;
-        let t = match &self.tables {
-            Some(t) => t,
-            None => match with_check_mem(|m| self.load(m)) {
-                Ok(t) => {
-                    loaded = t;
-                    &loaded
-                }
-                Err(e) => return report.corruption(format!("{name}: {e}")),
-            },
+        let t = match tables_for_check(self.tables.as_ref(), |m| self.load(m)) {
+            Ok(t) => t,
+            Err(e) => return report.corruption(format!("{name}: {e}")),
         };
         let size = self.src.size();
         let mut grains: Vec<(u64, u64)> =

@@ -1,6 +1,7 @@
 //! What the three sparse extent kinds (hosted sparse, COWD, seSparse) share: a grain directory of
 //! optional grain tables held in memory, and the walk that turns grains into extents.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
@@ -11,7 +12,7 @@ use crate::limits::{Limits, MetadataBudget};
 
 /// Grain tables loaded in memory: for each directory entry, an optional table of `per_table`
 /// raw entries. Tables named by several directory entries are loaded once.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct GrainTables<E> {
     /// For each directory entry: 0 when it has no table, else the table's slot + 1.
     dir: Vec<u32>,
@@ -63,6 +64,18 @@ pub(crate) fn with_check_mem<T>(f: impl FnOnce(Mem<'_>) -> T) -> T {
     let limits = Limits::default();
     let budget = MetadataBudget::new(limits.max_metadata_bytes);
     f(Mem { limits: &limits, budget: &budget })
+}
+
+/// The tables `check` walks: those loaded at open, or else loaded now by `load` under the default
+/// limits (an image opened only to be described has none loaded).
+pub(crate) fn tables_for_check<'a, E: Clone>(
+    loaded: Option<&'a GrainTables<E>>,
+    load: impl FnOnce(Mem<'_>) -> Result<GrainTables<E>>,
+) -> Result<Cow<'a, GrainTables<E>>> {
+    match loaded {
+        Some(t) => Ok(Cow::Borrowed(t)),
+        None => with_check_mem(load).map(Cow::Owned),
+    }
 }
 
 /// How to read one kind of grain table from a file.

@@ -19,7 +19,7 @@ use crate::image::OpenContext;
 use crate::info::CheckReport;
 use crate::io::{read_exact, ReadAt};
 
-use super::grains::{load_tables, read_directory, with_check_mem, GrainLookup, GrainTables, Mem, TableSpec};
+use super::grains::{load_tables, read_directory, tables_for_check, GrainLookup, GrainTables, Mem, TableSpec};
 use super::header::SECTOR;
 
 /// The constant header magic.
@@ -253,16 +253,9 @@ impl SeSparseExtent {
 
     /// Grains that extend past the end of the file or are used twice.
     pub(crate) fn check(&self, name: &str, report: &mut CheckReport) {
-        let loaded;
-        let t = match &self.tables {
-            Some(t) => t,
-            None => match with_check_mem(|m| self.load(m)) {
-                Ok(t) => {
-                    loaded = t;
-                    &loaded
-                }
-                Err(e) => return report.corruption(format!("{name}: {e}")),
-            },
+        let t = match tables_for_check(self.tables.as_ref(), |m| self.load(m)) {
+            Ok(t) => t,
+            Err(e) => return report.corruption(format!("{name}: {e}")),
         };
         let size = self.src.size();
         let gb = GRAIN_SECTORS * SECTOR;
