@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::extent::{Extent, ExtentKind};
-use crate::image::{map_backing, Layer};
+use crate::image::{Emitter, Layer};
 use crate::io::{read_vec, to_usize, ReadAt};
 use crate::limits::{Limits, MetadataBudget};
 
@@ -220,19 +220,6 @@ pub(crate) trait GrainLookup {
     fn resolve(&self, g: u64, in_grain: u64) -> Result<Option<ExtentKind>>;
 }
 
-/// Append `e` to `out`, merging it into the last extent when that one was pushed by this call
-/// (`out[first..]`) and continues it.
-pub(crate) fn push_merged(out: &mut Vec<Extent>, first: usize, e: Extent) {
-    if out.len() > first {
-        if let Some(last) = out.last_mut() {
-            if last.try_merge(&e) {
-                return;
-            }
-        }
-    }
-    out.push(e);
-}
-
 /// Map `rel..rel + len` of a sparse extent that starts at virtual offset `base`, at most up to the
 /// end of the grain table holding `rel`. Unallocated grains fall through to `parent`.
 pub(crate) fn map_grains(
@@ -244,21 +231,10 @@ pub(crate) fn map_grains(
     out: &mut Vec<Extent>,
 ) -> Result<()> {
     let end = rel + len;
-    let first = out.len();
-    let unalloc = |out: &mut Vec<Extent>, s: u64, e: u64| -> Result<()> {
-        if e <= s {
-            return Ok(());
-        }
-        match parent {
-            Some(_) => map_backing(parent, base + s, e - s, out),
-            None => {
-                push_merged(out, first, Extent::new(base + s, e - s, ExtentKind::Unallocated));
-                Ok(())
-            }
-        }
-    };
+    let mut em = Emitter::new(out, parent);
     if rel >= g.covered() {
-        return unalloc(out, rel, end);
+        em.fall_through(base + rel, len)?;
+        return em.flush();
     }
     let span = g.table_span();
     let table = rel / span;
@@ -271,30 +247,20 @@ pub(crate) fn map_grains(
             stop = end.min(g.covered()).min((t + 1).saturating_mul(span));
             t += 1;
         }
-        return unalloc(out, rel, stop);
+        em.fall_through(base + rel, stop - rel)?;
+        return em.flush();
     }
     let gs = g.grain_size();
     let mut pos = rel;
-    let mut run: Option<u64> = None;
     while pos < stop {
         let grain = pos / gs;
         let gstart = grain * gs;
         let piece_end = stop.min(gstart + gs);
         match g.resolve(grain, pos - gstart)? {
-            None => {
-                run.get_or_insert(pos);
-            }
-            Some(kind) => {
-                if let Some(s) = run.take() {
-                    unalloc(out, s, pos)?;
-                }
-                push_merged(out, first, Extent::new(base + pos, piece_end - pos, kind));
-            }
+            None => em.fall_through(base + pos, piece_end - pos)?,
+            Some(kind) => em.push(Extent::new(base + pos, piece_end - pos, kind))?,
         }
         pos = piece_end;
     }
-    if let Some(s) = run.take() {
-        unalloc(out, s, stop)?;
-    }
-    Ok(())
+    em.flush()
 }

@@ -52,7 +52,7 @@ use crate::io::{read_vec, ReadAt};
 
 use cowd::{CowdExtent, COWD_MAGIC};
 use descriptor::{Descriptor, ExtentLine, ExtentType, Mode, NO_PARENT_CID};
-use grains::{map_grains, push_merged, GrainLookup};
+use grains::{map_grains, GrainLookup};
 use header::{read_footer, read_sparse_header, KDMV_MAGIC, SECTOR};
 use sesparse::{SeSparseExtent, SESPARSE_MAGIC};
 use sparse::SparseExtent;
@@ -482,8 +482,7 @@ impl ImageFormat for VmdkImage {
                 map_flat(src.as_ref(), *file, *foff, e.start, rel, len, out)
             }
             ExtentData::Zero => {
-                let first = out.len();
-                push_merged(out, first, Extent::new(offset, len, ExtentKind::Zero { layer: 0 }));
+                out.push(Extent::new(offset, len, ExtentKind::Zero { layer: 0 }));
                 Ok(())
             }
             ExtentData::Unopened => Err(Error::invalid("internal error: mapping an extent that was not opened")),
