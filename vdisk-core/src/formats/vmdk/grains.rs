@@ -60,7 +60,7 @@ pub(crate) struct Mem<'a> {
 
 /// Run `f` with the default limits and a fresh budget: `check` loads tables that an image opened
 /// only to be described did not load.
-pub(crate) fn with_check_mem<T>(f: impl FnOnce(Mem<'_>) -> T) -> T {
+fn with_check_mem<T>(f: impl FnOnce(Mem<'_>) -> T) -> T {
     let limits = Limits::default();
     let budget = MetadataBudget::new(limits.max_metadata_bytes);
     f(Mem { limits: &limits, budget: &budget })

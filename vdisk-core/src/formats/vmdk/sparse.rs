@@ -9,7 +9,7 @@ use crate::image::OpenContext;
 use crate::info::CheckReport;
 use crate::io::{read_exact, ReadAt};
 
-use super::grains::{load_tables, read_directory, with_check_mem, GrainLookup, GrainTables, Mem, TableSpec};
+use super::grains::{load_tables, read_directory, tables_for_check, GrainLookup, GrainTables, Mem, TableSpec};
 use super::header::{
     parse_marker, SparseHeader, GRAIN_MARKER_BYTES, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
 };
@@ -127,20 +127,21 @@ impl SparseExtent {
     /// Check the tables: grains outside the file, overlapping metadata or each other, the
     /// redundant directory against the primary, and leaked grains.
     pub(crate) fn check(&self, name: &str, report: &mut CheckReport) -> Result<()> {
-        let loaded;
-        let (tables, primary_problem) = match &self.tables {
-            Some(t) => (t, self.primary_problem.clone()),
-            None => match with_check_mem(|m| self.load_any(m)) {
-                Ok((t, _, p)) => {
-                    loaded = t;
-                    (&loaded, p)
-                }
-                Err(e) => {
-                    report.corruption(format!("{name}: {e}"));
-                    return Ok(());
-                }
-            },
+        let mut primary_problem = self.primary_problem.clone();
+        let loaded = tables_for_check(self.tables.as_ref(), |m| {
+            self.load_any(m).map(|(t, _, problem)| {
+                primary_problem = problem;
+                t
+            })
+        });
+        let tables = match loaded {
+            Ok(t) => t,
+            Err(e) => {
+                report.corruption(format!("{name}: {e}"));
+                return Ok(());
+            }
         };
+        let tables = tables.as_ref();
         let h = &self.header;
         if let Some(p) = &primary_problem {
             report
