@@ -465,6 +465,12 @@ impl Image {
         self.files.iter().filter_map(|f| f.path.as_deref())
     }
 
+    /// The identity of every source this image reads, in open order (see [`ReadAt::identity`]):
+    /// a resume journal records them to tell whether a later run reads the same bytes.
+    pub fn source_identities(&self) -> Vec<Option<String>> {
+        self.files.iter().map(|f| f.src.identity()).collect()
+    }
+
     /// The path of the file behind `file` (from an extent's location), if it has one.
     pub fn file_path(&self, file: FileId) -> Option<&Path> {
         self.files.get(file.index()).and_then(|f| f.path.as_deref())

@@ -26,6 +26,13 @@ pub trait ReadAt: Send + Sync + fmt::Debug {
         None
     }
 
+    /// What identifies the bytes behind this source, so that a later run can tell whether it
+    /// still reads the same object: for files `file:DEV:INO:SIZE:MTIME_NS`, for remote objects
+    /// their validator (ETag or Last-Modified). `None` when the source cannot say (memory).
+    fn identity(&self) -> Option<String> {
+        None
+    }
+
     /// Fill `buf` from `offset`; bytes past the end of the source read as zeros, as qemu's file
     /// driver does. Returns how many bytes came from the source.
     fn read_at_zero_fill(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -49,11 +56,13 @@ pub trait ReadAt: Send + Sync + fmt::Debug {
 pub struct FileSource {
     file: File,
     size: u64,
+    identity: String,
 }
 
 impl FileSource {
     /// Wrap an open file; its size is taken now (block devices by seeking to the end).
     pub fn new(file: File) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
         let meta = file.metadata()?;
         let size = if meta.is_file() {
             meta.len()
@@ -62,7 +71,9 @@ impl FileSource {
             let mut f = &file;
             f.seek(io::SeekFrom::End(0))?
         };
-        Ok(FileSource { file, size })
+        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        let identity = format!("file:{}:{}:{size}:{mtime_ns}", meta.dev(), meta.ino());
+        Ok(FileSource { file, size, identity })
     }
 }
 
@@ -73,6 +84,10 @@ impl ReadAt for FileSource {
 
     fn size(&self) -> u64 {
         self.size
+    }
+
+    fn identity(&self) -> Option<String> {
+        Some(self.identity.clone())
     }
 
     fn next_data(&self, offset: u64) -> Option<io::Result<Option<(u64, u64)>>> {
@@ -203,6 +218,20 @@ mod tests {
         assert_eq!(src.read_at_zero_fill(&mut buf, 4).unwrap(), 2);
         assert_eq!(&buf, b"ef\0\0");
         assert_eq!(src.read_at(&mut buf, 100).unwrap(), 0);
+    }
+
+    #[test]
+    fn file_identity_changes_when_the_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.img");
+        std::fs::write(&path, b"one").unwrap();
+        let first = FileSource::new(File::open(&path).unwrap()).unwrap().identity().unwrap();
+        assert!(first.starts_with("file:"), "{first}");
+        assert_eq!(FileSource::new(File::open(&path).unwrap()).unwrap().identity().unwrap(), first);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"two!").unwrap();
+        assert_ne!(FileSource::new(File::open(&path).unwrap()).unwrap().identity().unwrap(), first);
+        assert_eq!(MemSource(Arc::from(&b"x"[..])).identity(), None);
     }
 
     #[test]
