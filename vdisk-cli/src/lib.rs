@@ -1,6 +1,9 @@
 //! `vdisk`: inspect and convert disk images (qcow2, VMDK, VHD, VHDX, raw).
 //!
-//! A thin binary: parse arguments, call one vdisk-core function, render the result, map errors
+//! The command lives in this library so that the binary (`src/bin/vdisk.rs`) and the Python
+//! package's `vdisk` command (`pip install vdisk` puts it on `PATH`) run the same code: [`run`].
+//!
+//! A thin command: parse arguments, call one vdisk-core function, render the result, map errors
 //! to exit codes (0 success, 1 error, 2 usage; `check` also 2 corrupt and 3 leaks; 130 when
 //! interrupted). Every error is one line on stderr beginning `vdisk: `.
 
@@ -14,7 +17,6 @@ mod map;
 mod progress;
 
 use std::io::Write;
-use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -25,8 +27,18 @@ const EXIT_USAGE: u8 = 2;
 /// Exit code when interrupted by SIGINT (128 + 2, as shells report it).
 const EXIT_INTERRUPTED: u8 = 130;
 
+/// `vdisk --version`: the package version, the commit it was built from and its date.
+pub const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("VDISK_BUILD_DESCRIBED"), ")");
+
+/// The commit this build comes from (12 hex digits, `-dirty` when the tree differed), or `unknown`.
+pub const BUILD_COMMIT: &str = env!("VDISK_BUILD_COMMIT");
+
 #[derive(Parser, Debug)]
-#[command(name = "vdisk", version, about = "Inspect and convert qcow2, VMDK, VHD, VHDX and raw disk images")]
+#[command(
+    name = "vdisk",
+    version = LONG_VERSION,
+    about = "Inspect and convert qcow2, VMDK, VHD, VHDX and raw disk images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,24 +56,41 @@ enum Command {
     Check(check::Args),
 }
 
-fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+/// Run `vdisk` with `args` (the program name first) and return its exit status. The binary and
+/// the Python package's `vdisk` command both come here.
+pub fn run<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let code = run_inner(args);
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    code
+}
+
+fn run_inner<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
-                return ExitCode::SUCCESS;
+                return 0;
             }
             if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
                 let _ = e.print();
-                return ExitCode::from(EXIT_USAGE);
+                return EXIT_USAGE;
             }
             let text = e.to_string();
             let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
             let first = first.trim_start_matches("error: ");
             eprintln!("vdisk: {first} (see 'vdisk --help')");
-            return ExitCode::from(EXIT_USAGE);
+            return EXIT_USAGE;
         }
     };
     let result = match cli.command {
@@ -71,14 +100,14 @@ fn main() -> ExitCode {
         Command::Check(a) => check::run(a),
     };
     match result {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => code,
         Err(e) => {
             let _ = std::io::stdout().flush();
             eprintln!("vdisk: {e}");
             if e.kind() == vdisk_core::ErrorKind::Cancelled {
-                ExitCode::from(EXIT_INTERRUPTED)
+                EXIT_INTERRUPTED
             } else {
-                ExitCode::from(EXIT_ERROR)
+                EXIT_ERROR
             }
         }
     }
