@@ -3,8 +3,8 @@
 # target/, install it, check the stubs against the built module (mypy.stubtest), run pytest
 # (API, errors, threads, fork, signals, and the Airflow DAG under real Airflow 3).
 #
-# Environment: PYTHON (interpreter for the venv, default python3), VDISK_PYTEST_ARGS (extra
-# pytest arguments, e.g. "-k 'not airflow'").
+# Environment: PYTHON (interpreter for the venv, default python3), VDISK_WHEEL (test this wheel
+# instead of building one), VDISK_PYTEST_ARGS (extra pytest arguments, e.g. "-k 'not airflow'").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -30,11 +30,17 @@ say "vdisk CLI (for comparisons)"
 cargo build -q -p vdisk-cli
 export VDISK_BIN=$root/target/debug/vdisk
 
-say "maturin build --release"
-wheels=$root/target/wheels/py
-rm -rf "$wheels"
-"$venv/bin/maturin" build --release -q -m vdisk-py/Cargo.toml --out "$wheels"
-wheel=$(ls "$wheels"/vdisk-*.whl)
+if [ -n "${VDISK_WHEEL:-}" ]; then
+  # A wheel built elsewhere: .ci/run tests the portable one packaging/build.sh put in dist/.
+  wheel=$(realpath "$VDISK_WHEEL")
+  say "testing the given wheel $(basename "$wheel")"
+else
+  say "maturin build --release"
+  wheels=$root/target/wheels/py
+  rm -rf "$wheels"
+  "$venv/bin/maturin" build --release -q -m vdisk-py/Cargo.toml --out "$wheels"
+  wheel=$(ls "$wheels"/vdisk-*.whl)
+fi
 "$py" -m pip install -q --force-reinstall --no-deps "$wheel"
 export VDISK_WHEEL=$wheel
 

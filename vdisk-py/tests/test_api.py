@@ -6,6 +6,8 @@ import hashlib
 import os
 import random
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 import vdisk
 from conftest import (
+    cli,
     KINDS,
     REPO,
     MiB,
@@ -31,11 +34,41 @@ from conftest import (
 )
 
 
-def test_version_is_the_crate_version() -> None:
+def test_version_is_the_crate_version_and_the_commit() -> None:
     text = (REPO / "Cargo.toml").read_text()
     m = re.search(r'^\[workspace\.package\][^\[]*?^version = "([^"]+)"', text, re.M | re.S)
     assert m is not None
-    assert vdisk.__version__ == m.group(1)
+    public, _, local = vdisk.__version__.partition("+")
+    assert public == m.group(1)
+    # The commit the wheel was built from, as a PEP 440 local label (g + 12 hex digits).
+    assert re.fullmatch(r"g[0-9a-f]{12}(\.dirty)?", local), vdisk.__version__
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert local.startswith("g" + head.stdout.strip()), (vdisk.__version__, head.stdout)
+    # The CLI says the same.
+    assert f"vdisk {public} ({local[1:13]}" in cli("--version").stdout
+
+
+def test_pip_installs_the_vdisk_command(tmp_path: Path) -> None:
+    """The wheel puts `vdisk` on PATH beside the interpreter; it is the same command as the binary."""
+    command = Path(sys.executable).parent / "vdisk"
+    assert command.exists(), f"{command} was not installed with the wheel"
+    src = tmp_path / "disk.raw"
+    src.write_bytes(os.urandom(1 << 20))
+    info = subprocess.run([str(command), "info", "--output", "json", str(src)], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    assert '"virtual-size": 1048576' in info.stdout
+    out = tmp_path / "out.raw"
+    conv = subprocess.run([str(command), "convert", str(src), str(out)], capture_output=True, text=True)
+    assert conv.returncode == 0, conv.stderr
+    assert out.read_bytes() == src.read_bytes()
+    usage = subprocess.run([str(command), "convert", str(src)], capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.startswith("vdisk: "), usage
+    missing = subprocess.run([str(command), "info", str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1, missing
+    assert "Traceback" not in missing.stderr
+    same = subprocess.run([sys.executable, "-m", "vdisk", "--version"], capture_output=True, text=True)
+    assert same.stdout == cli("--version").stdout
 
 
 def test_public_names_have_docstrings() -> None:

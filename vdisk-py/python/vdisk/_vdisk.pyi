@@ -6,10 +6,14 @@ from types import TracebackType
 from typing import Any, Literal, final
 
 __version__: str
-"""The package version."""
+"""The package version and the commit it was built from, e.g. ``0.1.0+g0123456789ab``."""
+
+def cli_main(argv: list[str]) -> int:
+    """Run the ``vdisk`` command with ``argv`` (program name first); returns its exit status."""
 
 __all__ = [
     "__version__",
+    "cli_main",
     "ConvertReport",
     "Extent",
     "ExtentIterator",
