@@ -10,6 +10,7 @@ table with a machine description to benches/RESULTS.md (with --record).
 
     python3 benches/bench.py                 # default: 4G:1G disk, 5 rounds
     python3 benches/bench.py --disks 4G:1G,16G:3G --rounds 5 --record
+    python3 benches/bench.py --portable      # also the portable build users install
 """
 
 from __future__ import annotations
@@ -160,19 +161,36 @@ def main() -> None:
     ap.add_argument("--target-dir", type=Path, default=None, help="where outputs are written (default: --work; e.g. /dev/shm to take the disk out)")
     ap.add_argument("--threads", type=int, default=None, help="vdisk --threads (default: all cores)")
     ap.add_argument("--record", action="store_true", help="append the results to benches/RESULTS.md")
+    ap.add_argument(
+        "--portable",
+        action="store_true",
+        help="also time the portable binary packaging/build.sh makes (glibc 2.17, linked by zig), "
+        "side by side with the development build, each with its own ratio to qemu-img",
+    )
     args = ap.parse_args()
 
     chosen = VARIANTS if args.variants == "all" else [v for v in VARIANTS if v[0] in args.variants.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     print("building vdisk (release)", flush=True)
     run(["cargo", "build", "--release", "-q", "-p", "vdisk-cli"], cwd=ROOT)
-    vdisk = str(ROOT / "target" / "release" / "vdisk")
+    builds = [("vdisk", str(ROOT / "target" / "release" / "vdisk"))]
+    if args.portable:
+        print("building the portable vdisk (packaging/build.sh)", flush=True)
+        run(["bash", "packaging/build.sh"], cwd=ROOT, env={**os.environ, "VDISK_ARCHES": "x86_64"}, stdout=subprocess.DEVNULL)
+        portable = sorted(ROOT.glob("dist/vdisk-*-x86_64-linux-gnu"))[-1]
+        builds.append(("portable", str(portable)))
     out = (args.target_dir or args.work) / "out.raw"
 
     lines = [f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {args.rounds} rounds", "", machine(out.parent), ""]
-    header = "| disk | variant | image size | vdisk median s | qemu-img median s | ratio | vdisk peak RSS | qemu-img peak RSS |"
-    lines += [header, "|---|---|---|---|---|---|---|---|"]
+    if len(builds) > 1:
+        lines += [f"Builds: {', '.join(f'{n} = `{os.path.relpath(p, ROOT)}`' for n, p in builds)}.", ""]
+    cols = "".join(f" {n} median s |" for n, _ in builds) + " qemu-img median s |" + "".join(f" {n} ratio |" for n, _ in builds)
+    rss_cols = "".join(f" {n} peak RSS |" for n, _ in builds) + " qemu-img peak RSS |"
+    header = f"| disk | variant | image size |{cols}{rss_cols}"
+    ncols = 3 + 2 * len(builds) + 1 + len(builds) + 1
+    lines += [header, "|" + "---|" * ncols]
     print(header)
+    blank = " |" * (ncols - 4)
 
     def clean() -> None:
         if out.exists():
@@ -190,7 +208,7 @@ def main() -> None:
             clean()
             cp_times.append(timed(["cp", "--sparse=always", str(raw), str(out)])[0])
         clean()
-        row = f"| {disk_s}/{data_s} | cp --sparse=always (raw) | {human(raw.stat().st_blocks * 512)} | {statistics.median(cp_times):.2f} | | | | |"
+        row = f"| {disk_s}/{data_s} | cp --sparse=always (raw) | {human(raw.stat().st_blocks * 512)} | {statistics.median(cp_times):.2f} |{blank}"
         print(row, flush=True)
         lines.append(row)
         # Make every variant first, then let writeback settle, so no measurement overlaps the
@@ -207,25 +225,30 @@ def main() -> None:
         time.sleep(2)
         for name, fmt, opts in chosen:
             image = images[name]
-            ours, theirs, rss_ours, rss_theirs = [], [], [], []
-            vcmd = [vdisk, "convert", "-f", fmt, "-O", "raw", str(image), str(out)]
-            if args.threads:
-                vcmd[2:2] = ["--threads", str(args.threads)]
-            qcmd = ["qemu-img", "convert", "-m", "16", "-W", "-f", fmt, "-O", "raw", str(image), str(out)]
+            # One (command, times, peak RSS) per vdisk build, then qemu-img last.
+            runs: list[tuple[list[str], list[float], list[int]]] = []
+            for _, binary in builds:
+                vcmd = [binary, "convert", "-f", fmt, "-O", "raw", str(image), str(out)]
+                if args.threads:
+                    vcmd[2:2] = ["--threads", str(args.threads)]
+                runs.append((vcmd, [], []))
+            runs.append((["qemu-img", "convert", "-m", "16", "-W", "-f", fmt, "-O", "raw", str(image), str(out)], [], []))
             for r in range(args.rounds):
-                order = [(vcmd, ours, rss_ours), (qcmd, theirs, rss_theirs)]
-                if r % 2:
-                    order.reverse()
-                for cmd, times, rss in order:
+                # Rotate who goes first each round, so page-cache and thermal effects spread evenly.
+                k = r % len(runs)
+                for cmd, times, rss in runs[k:] + runs[:k]:
                     clean()
                     t, m = timed(cmd)
                     times.append(t)
                     rss.append(m)
             clean()
-            mo, mt = statistics.median(ours), statistics.median(theirs)
+            medians = [statistics.median(times) for _, times, _ in runs]
+            mt = medians[-1]
             row = (
-                f"| {disk_s}/{data_s} | {name} | {human(image.stat().st_blocks * 512)} | {mo:.2f} | {mt:.2f} | "
-                f"{mo / mt:.2f} | {human(max(rss_ours))} | {human(max(rss_theirs))} |"
+                f"| {disk_s}/{data_s} | {name} | {human(image.stat().st_blocks * 512)} |"
+                + "".join(f" {m:.2f} |" for m in medians)
+                + "".join(f" {m / mt:.2f} |" for m in medians[:-1])
+                + "".join(f" {human(max(rss))} |" for _, _, rss in runs)
             )
             print(row, flush=True)
             lines.append(row)
@@ -234,14 +257,21 @@ def main() -> None:
     empty = args.work / "empty-1T.qcow2"
     if not empty.exists():
         run(["qemu-img", "create", "-q", "-f", "qcow2", str(empty), "1T"])
-    ours, theirs = [], []
+    cmds = [[binary, "convert", str(empty), str(out)] for _, binary in builds]
+    cmds.append(["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", str(empty), str(out)])
+    samples: list[list[float]] = [[] for _ in cmds]
     for _ in range(args.rounds):
-        clean()
-        ours.append(timed([vdisk, "convert", str(empty), str(out)])[0])
-        clean()
-        theirs.append(timed(["qemu-img", "convert", "-m", "16", "-W", "-O", "raw", str(empty), str(out)])[0])
+        for cmd, times in zip(cmds, samples):
+            clean()
+            times.append(timed(cmd)[0])
     clean()
-    row = f"| 1T/0 | empty qcow2 | {human(empty.stat().st_blocks * 512)} | {statistics.median(ours):.3f} | {statistics.median(theirs):.3f} | {statistics.median(ours) / statistics.median(theirs):.2f} | | |"
+    medians = [statistics.median(t) for t in samples]
+    row = (
+        f"| 1T/0 | empty qcow2 | {human(empty.stat().st_blocks * 512)} |"
+        + "".join(f" {m:.3f} |" for m in medians)
+        + "".join(f" {m / medians[-1]:.2f} |" for m in medians[:-1])
+        + " |" * (len(builds) + 1)
+    )
     print(row)
     lines.append(row)
 
