@@ -12,6 +12,8 @@ pub enum FormatArg {
     Vpc,
     Vhd,
     Vhdx,
+    Vdi,
+    Ova,
 }
 
 impl From<FormatArg> for Format {
@@ -22,6 +24,8 @@ impl From<FormatArg> for Format {
             FormatArg::Vmdk => Format::Vmdk,
             FormatArg::Vpc | FormatArg::Vhd => Format::Vhd,
             FormatArg::Vhdx => Format::Vhdx,
+            FormatArg::Vdi => Format::Vdi,
+            FormatArg::Ova => Format::Ova,
         }
     }
 }
@@ -70,6 +74,9 @@ pub struct OpenArgs {
     /// Largest compressed cluster or grain.
     #[arg(long, value_name = "BYTES")]
     pub max_unit_bytes: Option<u64>,
+    /// For an OVA: the disk to read, 1-based in the OVF's order (default: the only disk).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub disk: Option<u32>,
 }
 
 impl OpenArgs {
@@ -98,6 +105,7 @@ impl OpenArgs {
                 ReferencesArg::Any => ReferencePolicy::Any,
             },
             limits,
+            disk: self.disk,
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `vdisk`: inspect and convert disk images (qcow2, VMDK, VHD, VHDX, raw).
+//! `vdisk`: inspect and convert disk images (qcow2, VMDK, VHD, VHDX, VDI, raw) and OVA archives.
 //!
 //! The command lives in this library so that the binary (`src/bin/vdisk.rs`) and the Python
 //! package's `vdisk` command (`pip install vdisk` puts it on `PATH`) run the same code: [`run`].
@@ -37,7 +37,7 @@ pub const BUILD_COMMIT: &str = env!("VDISK_BUILD_COMMIT");
 #[command(
     name = "vdisk",
     version = LONG_VERSION,
-    about = "Inspect and convert qcow2, VMDK, VHD, VHDX and raw disk images"
+    about = "Inspect and convert qcow2, VMDK, VHD, VHDX, VDI and raw disk images, and the disks of OVA archives"
 )]
 struct Cli {
     #[command(subcommand)]

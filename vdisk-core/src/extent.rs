@@ -197,12 +197,56 @@ impl Location {
         }
     }
 
+    /// The same bytes, with the stored offset `by` further into the file (a location in a view of
+    /// part of a file, expressed in the whole file).
+    pub(crate) fn shifted(self, by: u64) -> Location {
+        match self {
+            Location::File { file, offset } => Location::File { file, offset: offset.saturating_add(by) },
+            Location::Compressed(mut unit) => {
+                unit.offset = unit.offset.saturating_add(by);
+                Location::Compressed(unit)
+            }
+        }
+    }
+
     /// The file the bytes are in.
     pub fn file(&self) -> FileId {
         match self {
             Location::File { file, .. } => *file,
             Location::Compressed(unit) => unit.file,
         }
+    }
+}
+
+/// One piece of a disk that can only be read front to back (a gzip-compressed OVA member):
+/// `len` bytes of the virtual disk at `start`, stored in `data` (compressed with `compression`
+/// into a unit of `unit_len` bytes, whose first `len` bytes are the disk's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SequentialUnit {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
+    pub(crate) data: Vec<u8>,
+    pub(crate) compression: Option<(Compression, u64)>,
+}
+
+/// A disk's content in the order it is stored, for the sequential copy path.
+pub(crate) struct SequentialStream {
+    /// The units, in stream order; their ranges must not overlap.
+    pub(crate) units: Box<dyn Iterator<Item = crate::error::Result<SequentialUnit>> + Send>,
+    /// Every unit starts at a multiple of this and is no longer.
+    pub(crate) unit_size: u64,
+    /// Bytes of the stored (compressed) file consumed so far, for progress.
+    pub(crate) consumed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes of the stored file in all.
+    pub(crate) stored_len: u64,
+}
+
+impl fmt::Debug for SequentialStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SequentialStream")
+            .field("unit_size", &self.unit_size)
+            .field("stored_len", &self.stored_len)
+            .finish_non_exhaustive()
     }
 }
 

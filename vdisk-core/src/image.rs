@@ -6,9 +6,10 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::container;
 use crate::decompress::{self, ReadScratch};
 use crate::error::{Error, Result};
-use crate::extent::{Extent, ExtentKind, FileId, Location, Merger};
+use crate::extent::{Extent, ExtentKind, FileId, Location, Merger, SequentialStream};
 use crate::formats;
 use crate::info::{CheckReport, ImageInfo};
 use crate::io::{FileSource, ReadAt};
@@ -31,6 +32,10 @@ pub struct OpenOptions {
     pub references: ReferencePolicy,
     /// Resource limits.
     pub limits: Limits,
+    /// For an OVA archive: which disk to open, 1-based in the OVF's order. `None` opens the only
+    /// disk, or the first of several (conversion then refuses until one is chosen). Any other
+    /// image refuses a disk number.
+    pub disk: Option<u32>,
 }
 
 /// What each format reader provides; the rest of the crate sees images only through this.
@@ -54,6 +59,12 @@ pub(crate) trait ImageFormat: Send + Sync + fmt::Debug {
     fn backing_layer(&self) -> Option<&Layer> {
         None
     }
+
+    /// For a disk that can only be read front to back (a gzip-compressed OVA member): its
+    /// content as a stream of units. `None` for every random-access reader.
+    fn sequential(&self) -> Option<Result<SequentialStream>> {
+        None
+    }
 }
 
 /// One opened layer of any format (enum dispatch over the format readers).
@@ -64,6 +75,9 @@ pub(crate) enum Layer {
     Vmdk(formats::vmdk::VmdkImage),
     Vhd(formats::vhd::VhdImage),
     Vhdx(formats::vhdx::VhdxImage),
+    Vdi(formats::vdi::VdiImage),
+    /// A disk file compressed as a whole inside an OVA (gzip): readable only front to back.
+    Compressed(container::ova::CompressedDisk),
 }
 
 impl Layer {
@@ -74,6 +88,8 @@ impl Layer {
             Layer::Vmdk(r) => r,
             Layer::Vhd(r) => r,
             Layer::Vhdx(r) => r,
+            Layer::Vdi(r) => r,
+            Layer::Compressed(r) => r,
         }
     }
 
@@ -84,6 +100,8 @@ impl Layer {
             Layer::Vmdk(_) => Format::Vmdk,
             Layer::Vhd(_) => Format::Vhd,
             Layer::Vhdx(_) => Format::Vhdx,
+            Layer::Vdi(_) => Format::Vdi,
+            Layer::Compressed(r) => r.format(),
         }
     }
 
@@ -223,6 +241,9 @@ struct OpenFile {
     src: Arc<dyn ReadAt>,
     path: Option<PathBuf>,
     id: Option<(u64, u64)>,
+    /// For a view of part of `path` (a disk inside an OVA): where the view starts in that file.
+    /// Extents report locations in `path` (offsets plus this), and reads take it off again.
+    base: u64,
 }
 
 /// State shared while an image and its references are being opened.
@@ -238,7 +259,7 @@ pub(crate) struct OpenContext<'a> {
 }
 
 impl<'a> OpenContext<'a> {
-    fn new(options: &'a OpenOptions, describe_only: bool) -> Self {
+    pub(crate) fn new(options: &'a OpenOptions, describe_only: bool) -> Self {
         OpenContext {
             options,
             budget: Arc::new(MetadataBudget::new(options.limits.max_metadata_bytes)),
@@ -253,10 +274,24 @@ impl<'a> OpenContext<'a> {
         &self.options.limits
     }
 
-    fn add_file(&mut self, src: Arc<dyn ReadAt>, path: Option<PathBuf>, id: Option<(u64, u64)>) -> FileId {
+    pub(crate) fn add_file(&mut self, src: Arc<dyn ReadAt>, path: Option<PathBuf>, id: Option<(u64, u64)>) -> FileId {
         let index = u32::try_from(self.files.len()).unwrap_or(u32::MAX);
-        self.files.push(OpenFile { src, path, id });
+        self.files.push(OpenFile { src, path, id, base: 0 });
         FileId(index)
+    }
+
+    /// The number of files registered so far: the id the next one will get.
+    pub(crate) fn next_file(&self) -> FileId {
+        FileId(u32::try_from(self.files.len()).unwrap_or(u32::MAX))
+    }
+
+    /// Say that `file` is the part of `path` starting at `base` (a disk stored in one piece inside
+    /// an OVA), so that extents name offsets in `path`.
+    pub(crate) fn set_file_view(&mut self, file: FileId, path: Option<PathBuf>, base: u64) {
+        if let Some(f) = self.files.get_mut(file.index()) {
+            f.path = path;
+            f.base = base;
+        }
     }
 
     /// Open `name`, found in the image at `referrer`, as a plain file (a qcow2 data file, a VMDK
@@ -357,6 +392,10 @@ impl Layer {
             Format::Vmdk => formats::vmdk::VmdkImage::open(ctx, src, file, p).map(Layer::Vmdk),
             Format::Vhd => formats::vhd::VhdImage::open(ctx, src, file, p).map(Layer::Vhd),
             Format::Vhdx => formats::vhdx::VhdxImage::open(ctx, src, file, p).map(Layer::Vhdx),
+            Format::Vdi => formats::vdi::VdiImage::open(ctx, src, file, p).map(Layer::Vdi),
+            Format::Ova => Err(Error::unsupported(
+                "an OVA archive cannot be a backing file, a parent, an extent or a disk inside another OVA",
+            )),
         };
         if id.is_some() {
             ctx.chain.pop();
@@ -369,11 +408,7 @@ impl Layer {
 
 /// The refusal for a recognised format vdisk does not read.
 fn unsupported_format_message(name: &str) -> String {
-    if name.starts_with("OVA") {
-        "this is an OVA (tar archive), not a disk image: extract the .vmdk it contains and convert that".to_string()
-    } else {
-        format!("{name} images are not supported by vdisk")
-    }
+    format!("{name} images are not supported by vdisk")
 }
 
 /// An open disk image, with its whole chain, ready to be read from many threads.
@@ -397,6 +432,9 @@ pub struct Image {
     files: Vec<OpenFile>,
     path: Option<PathBuf>,
     max_unit_bytes: u64,
+    max_metadata_bytes: u64,
+    /// The archive `top` was opened from (an OVA), with its other disks.
+    container: Option<Box<container::ova::Ova>>,
 }
 
 impl Image {
@@ -423,26 +461,98 @@ impl Image {
     /// Open an image held in memory (or any [`ReadAt`] source); it may reference no other file.
     pub fn from_source(src: Arc<dyn ReadAt>, options: &OpenOptions) -> Result<Image> {
         let mut ctx = OpenContext::new(options, false);
-        let top = Layer::open(&mut ctx, src, None, None, options.format)?;
-        Ok(Image { top, files: ctx.files, path: None, max_unit_bytes: options.limits.max_unit_bytes })
+        let (top, container) = Self::open_top(&mut ctx, src, None, None)?;
+        Ok(Image {
+            top,
+            files: ctx.files,
+            path: None,
+            max_unit_bytes: options.limits.max_unit_bytes,
+            max_metadata_bytes: options.limits.max_metadata_bytes,
+            container,
+        })
     }
 
     fn open_inner(path: &Path, options: &OpenOptions, describe_only: bool) -> Result<Image> {
         let mut ctx = OpenContext::new(options, describe_only);
         let (src, id) = open_source(path, "image")?;
-        let top = Layer::open(&mut ctx, src, Some(path.to_path_buf()), Some(id), options.format)
-            .map_err(|e| e.in_file(path))?;
+        let (top, container) =
+            Self::open_top(&mut ctx, src, Some(path.to_path_buf()), Some(id)).map_err(|e| e.in_file(path))?;
         Ok(Image {
             top,
             files: ctx.files,
             path: Some(path.to_path_buf()),
             max_unit_bytes: options.limits.max_unit_bytes,
+            max_metadata_bytes: options.limits.max_metadata_bytes,
+            container,
         })
     }
 
-    /// The detected (or given) format of the top image.
+    /// The limit on compressed units held in memory.
+    pub(crate) fn max_unit_bytes(&self) -> u64 {
+        self.max_unit_bytes
+    }
+
+    /// The limit on metadata held in memory.
+    pub(crate) fn max_metadata_bytes(&self) -> u64 {
+        self.max_metadata_bytes
+    }
+
+    /// Open the file the caller named: an image, or an OVA archive and the disk chosen in it.
+    fn open_top(
+        ctx: &mut OpenContext<'_>,
+        src: Arc<dyn ReadAt>,
+        path: Option<PathBuf>,
+        id: Option<(u64, u64)>,
+    ) -> Result<(Layer, Option<Box<container::ova::Ova>>)> {
+        let format = match ctx.options.format {
+            Some(f) => f,
+            None => match probe::detect(src.as_ref())? {
+                Detected::Supported(f) => f,
+                Detected::Known(name) => return Err(Error::unsupported(unsupported_format_message(name))),
+            },
+        };
+        if format == Format::Ova {
+            let (ova, top) = container::ova::open(ctx, src, path, id)?;
+            return Ok((top, Some(Box::new(ova))));
+        }
+        if let Some(n) = ctx.options.disk {
+            return Err(Error::unsupported(format!(
+                "a disk number ({n}) selects a disk of an OVA archive; this is a {format} image, which holds one disk"
+            )));
+        }
+        Ok((Layer::open(ctx, src, path, id, Some(format))?, None))
+    }
+
+    /// The detected (or given) format of the top image (`Ova` for a disk opened inside an OVA).
     pub fn format(&self) -> Format {
+        if self.container.is_some() {
+            return Format::Ova;
+        }
         self.top.format()
+    }
+
+    /// The format of the disk being read: the image's own, or, inside an OVA, the selected disk's.
+    pub fn disk_format(&self) -> Format {
+        self.top.format()
+    }
+
+    /// Inside an OVA, the selected disk (1-based, in the OVF's order); `None` for other images.
+    pub fn disk(&self) -> Option<u32> {
+        self.container.as_ref().map(|c| c.selected_index())
+    }
+
+    /// Refuse to go on when this is an OVA of several disks and none was chosen: writing the wrong
+    /// disk to a volume is the mistake to avoid. The error lists the disks.
+    pub fn require_selected_disk(&self) -> Result<()> {
+        match &self.container {
+            Some(c) => c.require_selected_disk(),
+            None => Ok(()),
+        }
+    }
+
+    /// The content as a front-to-back stream, for a disk that cannot be read at random.
+    pub(crate) fn sequential(&self) -> Option<Result<SequentialStream>> {
+        self.top.reader().sequential()
     }
 
     /// Guest-visible size in bytes.
@@ -487,7 +597,10 @@ impl Image {
         let actual_size =
             self.path.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.blocks().saturating_mul(512));
         let mut info = ImageInfo::new(filename, self.format(), self.virtual_size(), actual_size);
-        self.top.describe(&mut info);
+        match &self.container {
+            Some(c) => c.describe(&mut info, &self.top),
+            None => self.top.describe(&mut info),
+        }
         info
     }
 
@@ -495,7 +608,10 @@ impl Image {
     pub fn check(&self) -> Result<CheckReport> {
         let mut report =
             CheckReport::new(self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(), self.format());
-        self.top.check(&mut report)?;
+        match &self.container {
+            Some(c) => c.check(&mut report, &self.top)?,
+            None => self.top.check(&mut report)?,
+        }
         Ok(report)
     }
 
@@ -549,22 +665,39 @@ impl Image {
             .files
             .get(location.file().index())
             .ok_or_else(|| Error::invalid("internal error: extent names an unknown file"))?;
+        let relative = |at: u64| {
+            at.checked_sub(file.base).ok_or_else(|| {
+                Error::invalid(format!("internal error: location {at:#x} lies before the start of its file view"))
+            })
+        };
         match location {
             Location::File { offset, .. } => {
-                file.src.read_at_zero_fill(buf, *offset).map_err(|e| {
+                file.src.read_at_zero_fill(buf, relative(*offset)?).map_err(|e| {
                     let name = file.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "image".into());
                     Error::io(format!("reading {name} at {offset:#x}"), e)
                 })?;
                 Ok(())
             }
             Location::Compressed(unit) => {
-                decompress::read_unit(file.src.as_ref(), unit, buf, scratch, self.max_unit_bytes)
+                let unit = crate::extent::CompressedUnit { offset: relative(unit.offset)?, ..*unit };
+                decompress::read_unit(file.src.as_ref(), &unit, buf, scratch, self.max_unit_bytes)
             }
         }
     }
 
     pub(crate) fn map_checked(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
-        self.top.map_checked(offset, len, out)
+        let first = out.len();
+        self.top.map_checked(offset, len, out)?;
+        // Locations inside a file view (a disk stored inside an OVA) become offsets in the file.
+        for e in &mut out[first..] {
+            if let ExtentKind::Data { location, .. } = &mut e.kind {
+                let base = self.files.get(location.file().index()).map_or(0, |f| f.base);
+                if base != 0 {
+                    *location = location.shifted(base);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

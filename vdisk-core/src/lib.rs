@@ -30,6 +30,7 @@
 // Library code never unwraps or truncates silently: input comes from untrusted files.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::cast_possible_truncation))]
 
+mod container;
 mod copy;
 mod decompress;
 mod error;

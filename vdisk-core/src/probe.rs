@@ -20,10 +20,15 @@ pub enum Format {
     Vhd,
     /// Microsoft Hyper-V VHDX.
     Vhdx,
+    /// VirtualBox disk image (versions 0 and 1.1; static, dynamic and differencing).
+    Vdi,
+    /// An OVA archive (a tar of an OVF descriptor and disk files): not a disk format but a
+    /// container; opening one opens the disk it holds (see `OpenOptions::disk`).
+    Ova,
 }
 
 impl Format {
-    /// qemu-img's name for the format (`raw`, `qcow2`, `vmdk`, `vpc`, `vhdx`).
+    /// qemu-img's name for the format (`raw`, `qcow2`, `vmdk`, `vpc`, `vhdx`, `vdi`), or `ova`.
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Raw => "raw",
@@ -31,6 +36,8 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Vhd => "vpc",
             Format::Vhdx => "vhdx",
+            Format::Vdi => "vdi",
+            Format::Ova => "ova",
         }
     }
 }
@@ -52,9 +59,11 @@ impl FromStr for Format {
             "vmdk" => Ok(Format::Vmdk),
             "vpc" | "vhd" => Ok(Format::Vhd),
             "vhdx" => Ok(Format::Vhdx),
+            "vdi" => Ok(Format::Vdi),
+            "ova" => Ok(Format::Ova),
             other => Err(Error::new(
                 ErrorKind::Unsupported,
-                format!("unknown format '{other}' (expected raw, qcow2, vmdk, vpc/vhd or vhdx)"),
+                format!("unknown format '{other}' (expected raw, qcow2, vmdk, vpc/vhd, vhdx, vdi or ova)"),
             )),
         }
     }
@@ -112,8 +121,9 @@ pub(crate) fn detect_bytes(head: &[u8], tail: &[u8]) -> Detected {
     if at(0, b"QED\0") {
         return Detected::Known("QED");
     }
-    if at(0x40, &[0x7f, 0x10, 0xda, 0xbe]) || at(0, b"<<< Oracle VM VirtualBox Disk Image >>>") {
-        return Detected::Known("VDI (VirtualBox)");
+    // VDI: by the signature, never by the pre-header text (it is free text).
+    if at(0x40, &VDI_SIGNATURE) {
+        return Detected::Supported(Format::Vdi);
     }
     if at(0, b"WithoutFreeSpace") || at(0, b"WithouFreSpacExt") {
         return Detected::Known("Parallels");
@@ -127,8 +137,10 @@ pub(crate) fn detect_bytes(head: &[u8], tail: &[u8]) -> Detected {
     if at(0, b"#!/bin/sh") && head.len() >= 32 && contains(&head[..head.len().min(256)], b"cloop") {
         return Detected::Known("cloop");
     }
+    // A POSIX (`ustar\0`) or GNU (`ustar  \0`) tar: read as an OVA (the container says whether
+    // it holds an OVF descriptor).
     if at(257, b"ustar") {
-        return Detected::Known("OVA/tar archive");
+        return Detected::Supported(Format::Ova);
     }
     if tail.len() == PROBE_TAIL_BYTES && tail.starts_with(b"koly") {
         return Detected::Known("DMG");
@@ -141,6 +153,9 @@ pub(crate) fn detect_bytes(head: &[u8], tail: &[u8]) -> Detected {
     }
     Detected::Supported(Format::Raw)
 }
+
+/// The VDI signature 0xbeda107f (little-endian) at offset 64.
+const VDI_SIGNATURE: [u8; 4] = [0x7f, 0x10, 0xda, 0xbe];
 
 /// The seSparse header magic, 0xcafebabe as a little-endian u64.
 const SESPARSE_MAGIC: [u8; 8] = [0xbe, 0xba, 0xfe, 0xca, 0, 0, 0, 0];
@@ -226,21 +241,36 @@ mod tests {
         assert_eq!(detect_bytes(&head(b"QED\0"), &[]), Detected::Known("QED"));
         assert_eq!(detect_bytes(&head(b"WithoutFreeSpace"), &[]), Detected::Known("Parallels"));
         assert_eq!(detect_bytes(&head(b"Bochs Virtual HD Image"), &[]), Detected::Known("Bochs"));
-        let mut vdi = head(b"<<< Oracle VM VirtualBox Disk Image >>>\n");
-        vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
-        assert_eq!(detect_bytes(&vdi, &[]), Detected::Known("VDI (VirtualBox)"));
-        let mut tar = head(b"disk.ovf");
-        tar[257..262].copy_from_slice(b"ustar");
-        assert_eq!(detect_bytes(&tar, &[]), Detected::Known("OVA/tar archive"));
         let mut koly = b"koly".to_vec();
         koly.resize(512, 0);
         assert_eq!(detect_bytes(&head(b"x"), &koly), Detected::Known("DMG"));
     }
 
     #[test]
+    fn detects_vdi_by_signature_and_tar_by_magic() {
+        // Any pre-header text, or none: the signature decides.
+        let mut vdi = head(b"<<< QEMU VM Virtual Disk Image >>>\n");
+        vdi[0x40..0x44].copy_from_slice(&VDI_SIGNATURE);
+        assert_eq!(detect_bytes(&vdi, &[]), Detected::Supported(Format::Vdi));
+        vdi[..64].fill(0);
+        assert_eq!(detect_bytes(&vdi, &[]), Detected::Supported(Format::Vdi));
+        assert_eq!(
+            detect_bytes(&head(b"<<< Oracle VM VirtualBox Disk Image >>>\n"), &[]),
+            Detected::Supported(Format::Raw)
+        );
+        let mut tar = head(b"disk.ovf");
+        tar[257..263].copy_from_slice(b"ustar\0");
+        assert_eq!(detect_bytes(&tar, &[]), Detected::Supported(Format::Ova));
+        tar[257..265].copy_from_slice(b"ustar  \0");
+        assert_eq!(detect_bytes(&tar, &[]), Detected::Supported(Format::Ova));
+    }
+
+    #[test]
     fn format_names_match_qemu() {
         assert_eq!("vhd".parse::<Format>().unwrap(), Format::Vhd);
         assert_eq!(Format::Vhd.to_string(), "vpc");
-        assert!("vdi".parse::<Format>().is_err());
+        assert_eq!("vdi".parse::<Format>().unwrap(), Format::Vdi);
+        assert_eq!(Format::Ova.to_string(), "ova");
+        assert!("vdx".parse::<Format>().is_err());
     }
 }

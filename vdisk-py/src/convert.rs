@@ -57,8 +57,9 @@ impl ConvertReport {
 /// A missing ``dst`` is created sparse; an existing file or device is never truncated or resized,
 /// must be at least the virtual size, and has its zero ranges zeroed unless ``target_is_zero``.
 /// ``must_exist`` refuses to create ``dst`` (``-n``); ``require_device`` refuses anything but a
-/// block device (``-O host_device``). ``format``, ``references`` and ``limits`` are as for
-/// :func:`vdisk.open`; ``threads`` defaults to every core.
+/// block device (``-O host_device``). ``format``, ``references``, ``limits`` and ``disk`` are as
+/// for :func:`vdisk.open` (an OVA of several disks needs ``disk``); ``threads`` defaults to every
+/// core.
 ///
 /// ``progress(done, total)`` is called with bytes of the virtual disk done about every 100 ms on the
 /// calling thread, and once with ``done == total`` at the end. An exception it raises stops the copy
@@ -67,7 +68,7 @@ impl ConvertReport {
 #[pyfunction]
 #[pyo3(signature = (
     src, dst, *, format=None, references="deny", threads=None, target_is_zero=false, progress=None,
-    must_exist=false, require_device=false, limits=None
+    must_exist=false, require_device=false, limits=None, disk=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn convert(
@@ -82,8 +83,9 @@ pub(crate) fn convert(
     must_exist: bool,
     require_device: bool,
     limits: Option<&Limits>,
+    disk: Option<i64>,
 ) -> PyResult<ConvertReport> {
-    let options = open_options(format, references, limits)?;
+    let options = open_options(format, references, limits, disk)?;
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));
     }

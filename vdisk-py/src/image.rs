@@ -41,35 +41,52 @@ impl Image {
 
 /// Open the disk image at ``path``.
 ///
-/// ``format`` is ``"raw"``, ``"qcow2"``, ``"vmdk"``, ``"vpc"`` (or ``"vhd"``) or ``"vhdx"``; by
-/// default it is detected from the content, never from the file name. ``references`` says which
-/// other files the image may make vdisk open (backing files, data files, VMDK extents, parents):
-/// ``"deny"`` (default), ``"same-dir"`` or ``"any"``. ``limits`` raises or lowers the bounds on
-/// what an untrusted image can make vdisk allocate.
+/// ``format`` is ``"raw"``, ``"qcow2"``, ``"vmdk"``, ``"vpc"`` (or ``"vhd"``), ``"vhdx"``,
+/// ``"vdi"`` or ``"ova"``; by default it is detected from the content, never from the file name.
+/// ``references`` says which other files the image may make vdisk open (backing files, data files,
+/// VMDK extents, parents): ``"deny"`` (default), ``"same-dir"`` or ``"any"``. ``limits`` raises or
+/// lowers the bounds on what an untrusted image can make vdisk allocate.
+///
+/// An OVA archive opens one of its disks, read in place: ``disk`` (1-based, in the OVF's order)
+/// chooses it; without it the only disk, or the first of several (``info()["format-specific"]``
+/// lists them all, and :func:`convert` then asks for ``disk``).
 ///
 /// Raises ``FileNotFoundError``/``PermissionError``/``OSError`` when the file cannot be read, and a
 /// :class:`VdiskError` subclass when the image is refused.
 #[pyfunction]
-#[pyo3(name = "open", signature = (path, format=None, references="deny", *, limits=None))]
+#[pyo3(name = "open", signature = (path, format=None, references="deny", *, limits=None, disk=None))]
 pub(crate) fn open_image(
     py: Python<'_>,
     path: PathBuf,
     format: Option<&str>,
     references: &str,
     limits: Option<&Limits>,
+    disk: Option<i64>,
 ) -> PyResult<Image> {
-    let options = open_options(format, references, limits)?;
+    let options = open_options(format, references, limits, disk)?;
     let image = py.allow_threads(|| vdisk_core::Image::open(&path, &options)).map_err(|e| errors::to_py(py, e))?;
     Ok(Image { inner: Mutex::new(Some(Arc::new(image))), path })
 }
 
 #[pymethods]
 impl Image {
-    /// The image format, as qemu-img names it: ``"raw"``, ``"qcow2"``, ``"vmdk"``, ``"vpc"`` or
-    /// ``"vhdx"``.
+    /// The image format, as qemu-img names it: ``"raw"``, ``"qcow2"``, ``"vmdk"``, ``"vpc"``,
+    /// ``"vhdx"``, ``"vdi"``, or ``"ova"`` for a disk opened inside an OVA archive.
     #[getter]
     fn format(&self) -> PyResult<&'static str> {
         Ok(self.get()?.format().as_str())
+    }
+
+    /// The format of the disk being read: :attr:`format`, or, inside an OVA, the selected disk's.
+    #[getter]
+    fn disk_format(&self) -> PyResult<&'static str> {
+        Ok(self.get()?.disk_format().as_str())
+    }
+
+    /// Inside an OVA, the selected disk (1-based, in the OVF's order); ``None`` for other images.
+    #[getter]
+    fn disk(&self) -> PyResult<Option<u32>> {
+        Ok(self.get()?.disk())
     }
 
     /// The guest-visible size of the disk in bytes.

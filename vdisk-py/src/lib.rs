@@ -30,7 +30,7 @@ fn cli_main(py: Python<'_>, argv: Vec<std::ffi::OsString>) -> u8 {
     py.allow_threads(|| vdisk_cli::run(argv))
 }
 
-/// Read and convert qcow2, VMDK, VHD, VHDX and raw disk images (native part of ``vdisk``).
+/// Read and convert qcow2, VMDK, VHD, VHDX, VDI and raw disk images and OVA disks (native part of ``vdisk``).
 #[pymodule]
 fn _vdisk(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", python_version(env!("CARGO_PKG_VERSION"), vdisk_cli::BUILD_COMMIT))?;

@@ -77,9 +77,22 @@ impl Limits {
     }
 }
 
-/// The core's open options from Python's arguments; bad names raise `ValueError`.
-pub(crate) fn open_options(format: Option<&str>, references: &str, limits: Option<&Limits>) -> PyResult<OpenOptions> {
+/// The core's open options from Python's arguments; bad names and disk numbers raise `ValueError`.
+pub(crate) fn open_options(
+    format: Option<&str>,
+    references: &str,
+    limits: Option<&Limits>,
+    disk: Option<i64>,
+) -> PyResult<OpenOptions> {
     let format = format.map(|f| f.parse::<Format>().map_err(errors::value_error)).transpose()?;
     let references = references.parse::<ReferencePolicy>().map_err(errors::value_error)?;
-    Ok(OpenOptions { format, references, limits: limits.map(Limits::to_core).unwrap_or_default() })
+    let disk = disk
+        .map(|d| {
+            u32::try_from(d)
+                .ok()
+                .filter(|&d| d >= 1)
+                .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("disk must be 1 or more, not {d}")))
+        })
+        .transpose()?;
+    Ok(OpenOptions { format, references, limits: limits.map(Limits::to_core).unwrap_or_default(), disk })
 }

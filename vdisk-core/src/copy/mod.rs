@@ -3,6 +3,7 @@
 mod engine;
 mod plan;
 mod sink;
+mod stream;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -111,6 +112,10 @@ pub fn default_threads() -> usize {
 pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions<'_>) -> Result<ConvertReport> {
     let target = target.as_ref();
     let started = Instant::now();
+    image.require_selected_disk()?;
+    // A disk that can only be read front to back (a gzip-compressed OVA member) takes the
+    // sequential path; it refuses here, before the target is touched, if it cannot.
+    let sequential = image.sequential().transpose()?;
     let size = image.virtual_size();
     let sources: Vec<(u64, u64)> = image.file_ids().collect();
     let sink = sink::open_target(
@@ -128,7 +133,13 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
     let counters = engine::Counters::default();
     let reporting =
         engine::Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
-    engine::execute(image, &sink, threads, options.item_size, &counters, &reporting)?;
+    match sequential {
+        Some(stream) => {
+            let limits = (image.max_unit_bytes(), image.max_metadata_bytes());
+            stream::execute(stream, size, &sink, threads, &counters, &reporting, limits)?
+        }
+        None => engine::execute(image, &sink, threads, options.item_size, &counters, &reporting)?,
+    }
     sink.finish().map_err(|e| Error::io(format!("flushing {}", target.display()), e))?;
     Ok(ConvertReport {
         virtual_size: size,

@@ -3,6 +3,7 @@
 
 pub(crate) mod qcow2;
 pub(crate) mod raw;
+pub(crate) mod vdi;
 pub(crate) mod vhd;
 pub(crate) mod vhdx;
 pub(crate) mod vmdk;

@@ -1,4 +1,4 @@
-"""Read and convert qcow2, VMDK, VHD, VHDX and raw disk images.
+"""Read and convert qcow2, VMDK, VHD, VHDX, VDI and raw disk images, and the disks of OVA archives.
 
 A drop-in for ``qemu-img info`` and ``qemu-img convert -O raw`` in Python, without qemu::
 

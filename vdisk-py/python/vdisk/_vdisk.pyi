@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 _Path = str | os.PathLike[str]
-_Format = Literal["raw", "qcow2", "vmdk", "vpc", "vhd", "vhdx"]
+_Format = Literal["raw", "qcow2", "vmdk", "vpc", "vhd", "vhdx", "vdi", "ova"]
 _References = Literal["deny", "same-dir", "same_dir", "any"]
 
 class VdiskError(Exception):
@@ -125,7 +125,13 @@ class Image:
 
     @property
     def format(self) -> str:
-        """The image format, as qemu-img names it."""
+        """The image format, as qemu-img names it (``"ova"`` for a disk inside an OVA)."""
+    @property
+    def disk_format(self) -> str:
+        """The format of the disk being read (inside an OVA, the selected disk's)."""
+    @property
+    def disk(self) -> int | None:
+        """Inside an OVA, the selected disk (1-based); ``None`` for other images."""
     @property
     def virtual_size(self) -> int:
         """The guest-visible size of the disk in bytes."""
@@ -182,8 +188,9 @@ def open(
     references: _References = "deny",
     *,
     limits: Limits | None = None,
+    disk: int | None = None,
 ) -> Image:
-    """Open the disk image at ``path``."""
+    """Open the disk image at ``path`` (``disk`` chooses a disk of an OVA, 1-based)."""
 
 def convert(
     src: _Path,
@@ -197,5 +204,6 @@ def convert(
     must_exist: bool = False,
     require_device: bool = False,
     limits: Limits | None = None,
+    disk: int | None = None,
 ) -> ConvertReport:
     """Convert the image at ``src`` to its raw guest content at ``dst``."""

@@ -38,6 +38,7 @@ mod grains;
 mod header;
 mod sesparse;
 mod sparse;
+pub(crate) mod stream;
 
 use std::path::Path;
 use std::sync::Arc;
