@@ -51,8 +51,15 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
         }
         writeln!(out, "{}", if first { "[]" } else { "]" }).map_err(io_err)?;
     } else {
+        // The first extent before the header: an image that cannot be mapped prints only its error.
+        let mut extents = image.extents().peekable();
+        if let Some(Err(_)) = extents.peek() {
+            if let Some(Err(e)) = extents.next() {
+                return Err(e);
+            }
+        }
         writeln!(out, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to").map_err(io_err)?;
-        for extent in image.extents() {
+        for extent in extents {
             let e = extent?;
             let ExtentKind::Data { location, .. } = e.kind else { continue };
             let (mapped, file) = match location {

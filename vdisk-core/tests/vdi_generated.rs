@@ -11,29 +11,11 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use vdisk_core::{convert, ConvertOptions, ErrorKind, Image, OpenOptions, ReferencePolicy};
 
-fn generate(dir: &Path) -> Option<Vec<HashMap<String, String>>> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/vdi/make.py");
-    let st = match Command::new("python3").arg(&script).arg(dir).output() {
-        Ok(o) => o,
-        Err(_) => {
-            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "python3 is required on CI");
-            eprintln!("SKIP: python3 not found; generated VDI tests not run");
-            return None;
-        }
-    };
-    assert!(st.status.success(), "make.py: {}", String::from_utf8_lossy(&st.stderr));
-    let text = std::fs::read_to_string(dir.join("cases.tsv")).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
-    Some(
-        lines
-            .map(|l| header.iter().zip(l.split('\t')).map(|(h, v)| (h.to_string(), v.to_string())).collect())
-            .collect(),
-    )
+fn generate() -> Option<(PathBuf, Vec<HashMap<String, String>>)> {
+    common::generate_cases("vdi/make.py")
 }
 
 fn options(flags: &str) -> OpenOptions {
@@ -50,13 +32,13 @@ fn convert_sha(image: &Image, out: &Path, threads: usize) -> (String, u64) {
 
 #[test]
 fn generated_vdis_match_their_known_content_or_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(rows) = generate(dir.path()) else { return };
+    let Some((dir, rows)) = generate() else { return };
     assert!(rows.len() >= 30, "only {} cases", rows.len());
-    let out = dir.path().join("out.raw");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.raw");
     for row in &rows {
         let name = &row["name"];
-        let path: PathBuf = dir.path().join(name);
+        let path: PathBuf = dir.join(name);
         let opts = options(&row["flags"]);
         match row["expect"].as_str() {
             "ok" => {
@@ -91,10 +73,7 @@ fn generated_vdis_match_their_known_content_or_are_refused() {
                 assert!(e.to_string().contains(&row["error"]), "{name}: {e}");
                 assert!(!e.to_string().contains('\n'));
                 assert!(
-                    matches!(
-                        e.kind(),
-                        ErrorKind::InvalidImage | ErrorKind::Unsupported | ErrorKind::ReferenceDenied
-                    ),
+                    matches!(e.kind(), ErrorKind::InvalidImage | ErrorKind::Unsupported | ErrorKind::ReferenceDenied),
                     "{name}: {:?}",
                     e.kind()
                 );
@@ -106,10 +85,7 @@ fn generated_vdis_match_their_known_content_or_are_refused() {
 
 #[test]
 fn check_reports_hostile_block_maps_with_qemu_exit_codes() {
-    let dir = tempfile::tempdir().unwrap();
-    if generate(dir.path()).is_none() {
-        return;
-    }
+    let Some((dir, _)) = generate() else { return };
     // Opening refuses these, naming the entry; check (which needs no valid map to describe the
     // image) reports them as corruptions: exit 2, like qemu-img check.
     for (name, what) in [
@@ -117,13 +93,14 @@ fn check_reports_hostile_block_maps_with_qemu_exit_codes() {
         ("bad-entry-duplicate.vdi", "also used by entry 0"),
         ("bad-entry-past-end.vdi", "runs past the end of the file"),
     ] {
-        let report = Image::check_file(dir.path().join(name), &OpenOptions::default()).unwrap();
+        let report = Image::check_file(dir.join(name), &OpenOptions::default()).unwrap();
         assert_eq!(report.exit_code(), 2, "{name}");
         assert!(report.problems.iter().any(|p| p.message.contains(what)), "{name}: {:?}", report.problems);
     }
     // A wrong allocated-block count in the header is a corruption too (qemu-img check says so).
-    let path = dir.path().join("dynamic-block-4096.vdi");
-    let mut bytes = std::fs::read(&path).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("changed.vdi");
+    let mut bytes = std::fs::read(dir.join("dynamic-block-4096.vdi")).unwrap();
     let n = u32::from_le_bytes(bytes[388..392].try_into().unwrap());
     bytes[388..392].copy_from_slice(&(n + 1).to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
@@ -134,15 +111,11 @@ fn check_reports_hostile_block_maps_with_qemu_exit_codes() {
 
 #[test]
 fn differencing_chain_reports_its_parent_and_depth() {
-    let dir = tempfile::tempdir().unwrap();
-    if generate(dir.path()).is_none() {
-        return;
-    }
-    let top = dir.path().join("chain/snap2.vdi");
+    let Some((dir, _)) = generate() else { return };
+    let top = dir.join("chain/snap2.vdi");
     let image = Image::open(&top, &options("same-dir")).unwrap();
     assert_eq!(image.chain_depth(), 2);
-    let files: Vec<String> =
-        image.files().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let files: Vec<String> = image.files().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(files, ["snap2.vdi", "snap1.vdi", "base.vdi"], "the decoy copy of the base is not used");
     let info = image.info();
     assert_eq!(info.backing_filename.as_deref(), Some("snap1.vdi"));

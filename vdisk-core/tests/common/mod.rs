@@ -197,3 +197,34 @@ pub fn random_io_commands(rng: &mut Rng, size: u64, cluster: u64, count: usize, 
     }
     cmds
 }
+
+/// The cases of the generator `testdata/<script>` (run once per script version and shared by the
+/// test processes through the target's temporary folder) and its `cases.tsv`, one map per row.
+/// `None` (after a SKIP line) when python3 is missing outside CI. Tests must not modify the files.
+pub fn generate_cases(script: &str) -> Option<(PathBuf, Vec<std::collections::HashMap<String, String>>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata").join(script);
+    let key = sha256_file(&path).0;
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = root.join(format!("cases-{}-{}", script.replace('/', "-"), &key[..16]));
+    if !dir.join("cases.tsv").is_file() {
+        std::fs::create_dir_all(&root).unwrap();
+        let tmp = tempfile::tempdir_in(&root).unwrap();
+        let Ok(out) = Command::new("python3").arg(&path).arg(tmp.path()).output() else {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "python3 is required on CI");
+            eprintln!("SKIP: python3 not found; {script} cases not run");
+            return None;
+        };
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+        // Another test process may have finished first: either copy serves.
+        if std::fs::rename(tmp.path(), &dir).is_ok() {
+            std::mem::forget(tmp);
+        }
+    }
+    let text = std::fs::read_to_string(dir.join("cases.tsv")).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    let rows = lines
+        .map(|l| header.iter().zip(l.split('\t')).map(|(h, v)| (h.to_string(), v.to_string())).collect())
+        .collect();
+    Some((dir, rows))
+}

@@ -175,6 +175,17 @@ fn locate(members: &[Member], f: &OvfFile) -> std::result::Result<Stored, String
                     "the file is split into chunks but the archive holds no member '{href}.000000000'"
                 ));
             }
+            // A later chunk after a missing one means the file has a hole, not an end.
+            let prefix = format!("{href}.");
+            let found = segments.len();
+            let later = members.iter().find(|m| {
+                m.name.strip_prefix(&prefix).is_some_and(|n| {
+                    n.len() == 9 && n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<usize>().is_ok_and(|k| k > found)
+                })
+            });
+            if let Some(m) = later {
+                return Err(format!("chunk {found} of '{href}' is missing, but the archive holds '{}'", m.name));
+            }
         }
     }
     Ok(Stored { segments, size })
