@@ -12,6 +12,7 @@ signal, no hang and bounded memory). Needs qemu-img and qemu-io. Deterministic.
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import struct
@@ -439,6 +440,144 @@ def vhdx_cases(tmp: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# VDI (little-endian; pre-header, header at 72, block map of u32)
+
+
+def vdi_cases(tmp: Path) -> None:
+    base = tmp / "base.vdi"
+    qemu_img("create", "-q", "-f", "vdi", str(base), "8M")
+    qemu_io("vdi", base, "write -P 0x66 0 64k", "write -P 0x77 3M 1M", "write -P 0x88 7M 4k")
+    d = base.read_bytes()
+    bmap, data = get(d, 340, "<I"), get(d, 344, "<I")
+    truncations("vdi", d, [0, 64, 70, 72, 100, 380, 455, bmap + 2, data, data + 1000, len(d) - 1])
+    case("vdi-blocks-max", put(d, 384, "<I", 0xFFFFFFFF), "error", "a block map of 2^32 entries")
+    case("vdi-blocks-zero", put(d, 384, "<I", 0), "error", "no block for a non-empty disk")
+    for b in [0, 1, 3 << 19]:
+        case(f"vdi-block-size-{b:#x}", put(d, 376, "<I", b), "error", "block size")
+    case("vdi-block-size-0x80000000", put(d, 376, "<I", 0x80000000), "any", "2 GiB blocks: one covers the disk")
+    case("vdi-disk-size-max", put(d, 368, "<Q", (1 << 64) - 1), "error", "disk size overflows when rounded")
+    case("vdi-disk-size-2p62", put(put(d, 368, "<Q", 1 << 62), 384, "<I", 1 << 22), "any", "a huge disk, a short map")
+    case("vdi-map-offset-max", put(d, 340, "<I", 0xFFFFFFFF), "error", "block map past the end")
+    case("vdi-data-offset-max", put(d, 344, "<I", 0xFFFFFFFF), "error", "data past the end")
+    case("vdi-data-offset-in-map", put(d, 344, "<I", bmap), "error", "data overlapping the map")
+    case("vdi-extra-huge", put(d, 380, "<I", 0x80000000), "error", "2 GiB of extra data per block")
+    case("vdi-header-size-max", put(d, 72, "<I", 0xFFFFFFFF), "any", "a header size beyond any header")
+    case("vdi-allocated-wrong", put(d, 388, "<I", 12345), "any", "a wrong allocated count (check reports it)")
+    entries = bytearray(d)
+    for i in range(8):
+        struct.pack_into("<I", entries, bmap + 4 * i, 0xFFFFFFFD)
+    case("vdi-entries-max-index", bytes(entries), "error", "every entry out of range")
+    entries = bytearray(d)
+    for i in range(8):
+        struct.pack_into("<I", entries, bmap + 4 * i, 0)
+    case("vdi-entries-all-same", bytes(entries), "error", "every entry the same block")
+    case("vdi-version-2", put(d, 68, "<I", 0x00020000), "error", "an unknown major version")
+    case("vdi-version-0", put(d, 68, "<I", 0x00000002), "any", "a v1 header read as version 0")
+    case("vdi-type-0", put(d, 76, "<I", 0), "error", "image type 0")
+    # Differencing images: a parent that is missing, one that is itself, two that are each other's.
+    diff = put(put(d, 76, "<I", 4), 424, "16s", b"\x42" * 16)
+    case("vdi-diff-no-parent.vdi", diff, "error", "parent UUID matches nothing", "--references same-dir")
+    case("vdi-diff-denied.vdi", diff, "error", "parents are denied by default")
+    self_ = put(put(put(d, 76, "<I", 4), 392, "16s", b"\xcc" * 16), 424, "16s", b"\xcc" * 16)
+    case("vdi-diff-self.vdi", self_, "error", "its own parent (never opened twice)", "--references same-dir")
+    a = put(put(put(d, 76, "<I", 4), 392, "16s", b"\xaa" * 16), 424, "16s", b"\xbb" * 16)
+    b2 = put(put(put(d, 76, "<I", 4), 392, "16s", b"\xbb" * 16), 424, "16s", b"\xaa" * 16)
+    case("vdi-loop-a.vdi", put(a, 440, "16s", bytes(16)), "error", "two differencing images that are each other's parent", "--references same-dir")
+    case("vdi-loop-b.vdi", put(b2, 440, "16s", bytes(16)), "error", "", "--references same-dir")
+
+
+# --------------------------------------------------------------------------------------------
+# OVA (tar headers, OVF XML, manifests, gzip members)
+
+
+def tar_member(name: bytes, data: bytes, flag: bytes = b"0", size: int | None = None) -> bytes:
+    h = bytearray(512)
+    h[: len(name[:100])] = name[:100]
+    h[100:108] = b"0000644\0"
+    h[124:136] = b"%011o\0" % (len(data) if size is None else size)
+    h[156:157] = flag
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"        "
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h) + data + bytes(-len(data) % 512)
+
+
+def ova_ovf(href: str = "disk.vmdk", extra: str = "", disk: str = "") -> bytes:
+    disk = disk or '<Disk ovf:capacity="4194304" ovf:diskId="d1" ovf:fileRef="f1"/>'
+    return (
+        '<?xml version="1.0"?><Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" '
+        'xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References>'
+        f'<File ovf:href="{href}" ovf:id="f1"{extra}/></References><DiskSection>{disk}</DiskSection></Envelope>'
+    ).encode()
+
+
+def ova_cases(tmp: Path) -> None:
+    disk = tmp / "ova-disk.vmdk"
+    raw = tmp / "ova-disk.raw"
+    raw.write_bytes(bytes(1 << 20) + bytes(range(256)) * 4096 + bytes(2 << 20))
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(disk))
+    vmdk = disk.read_bytes()
+    ovf = ova_ovf()
+    good = tar_member(b"vm.ovf", ovf) + tar_member(b"disk.vmdk", vmdk) + bytes(1024)
+    case("ova-good.ova", good, "any", "a valid OVA (baseline)")
+    truncations("ova", good, [0, 100, 148, 257, 511, 512, 600, 1024, 1536, 2048, 4096, len(good) - 1030])
+    case("ova-size-not-octal", good[:124] + b"99999999999\0" + good[136:], "error", "a size field that is not octal")
+    g = bytearray(good)
+    g[124:136] = b"\x80" + b"\xff" * 11
+    g[148:156] = b"        "
+    g[148:156] = b"%06o\0 " % sum(g[:512])
+    case("ova-size-base256-huge", bytes(g), "error", "a base-256 size beyond 2^64")
+    g[124:136] = b"\xff" * 12
+    g[148:156] = b"        "
+    g[148:156] = b"%06o\0 " % sum(g[:512])
+    case("ova-size-base256-negative", bytes(g), "error", "a negative base-256 size")
+    pax = b"30 size=99999999999999999999\n"
+    case("ova-pax-size-huge", tar_member(b"PaxHeader", pax, b"x") + good, "error", "a pax size beyond the archive")
+    case("ova-pax-garbage", tar_member(b"PaxHeader", b"zz nothing\n", b"x") + good, "error", "a malformed pax record")
+    case("ova-pax-path-escape", tar_member(b"PaxHeader", b"22 path=../../x.vmdk\n", b"x") + good, "error",
+         "a pax path with '..'")
+    case("ova-long-name-huge", tar_member(b"././@LongLink", b"a" * (100 << 10), b"L") + good, "error",
+         "a 100 KiB GNU long name")
+    case("ova-ovf-huge", tar_member(b"vm.ovf", bytes(17 << 20)) + bytes(1024), "error", "a 17 MiB descriptor")
+    deep = b"<Envelope>" + b"<a>" * 200000 + b"</a>" * 200000 + b"</Envelope>"
+    case("ova-ovf-deep", tar_member(b"vm.ovf", deep) + bytes(1024), "error", "200000 nested elements")
+    many = "".join(f'<Disk ovf:capacity="1" ovf:diskId="d{i}" ovf:fileRef="f1"/>' for i in range(5000))
+    case("ova-ovf-many-disks", tar_member(b"vm.ovf", ova_ovf(disk=many)) + tar_member(b"disk.vmdk", vmdk) + bytes(1024),
+         "error", "5000 disks")
+    for tag, ovf2 in [("href-url", ova_ovf("http://example.invalid/disk.vmdk")),
+                      ("href-absolute", ova_ovf("/etc/passwd")),
+                      ("chunk-zero", ova_ovf(extra=' ovf:chunkSize="0"')),
+                      ("compression-bzip2", ova_ovf(extra=' ovf:compression="bzip2"')),
+                      ("capacity-huge", ova_ovf(disk='<Disk ovf:capacity="18446744073709551615" ovf:capacityAllocationUnits="byte * 2^63" ovf:diskId="d1" ovf:fileRef="f1"/>')),
+                      ("fileref-missing", ova_ovf(disk='<Disk ovf:capacity="1" ovf:diskId="d1" ovf:fileRef="nope"/>')),
+                      ("utf16", "\ufeff<Envelope/>".encode("utf-16")),
+                      ("not-xml", b"\x00\x01\x02 not xml")]:
+        case(f"ova-{tag}", tar_member(b"vm.ovf", ovf2) + tar_member(b"disk.vmdk", vmdk) + bytes(1024), "any")
+    mf = b"SHA256(disk.vmdk)= " + b"0" * 64 + b"\n" + b"SHA1(../../etc/passwd)= " + b"0" * 40 + b"\n" + b"x" * 5000 + b"\n"
+    case("ova-manifest-hostile", tar_member(b"vm.ovf", ovf) + tar_member(b"vm.mf", mf) + tar_member(b"disk.vmdk", vmdk) + bytes(1024),
+         "any", "a manifest with a wrong digest, an escaping name and garbage (check reports them)")
+    case("ova-manifest-huge", tar_member(b"vm.ovf", ovf) + tar_member(b"vm.mf", b"\n" * (2 << 20)) + tar_member(b"disk.vmdk", vmdk) + bytes(1024),
+         "error", "a 2 MiB manifest")
+    gz_ovf = ova_ovf(extra=' ovf:compression="gzip"')
+    case("ova-gzip-zeros", tar_member(b"vm.ovf", gz_ovf) + tar_member(b"disk.vmdk", gzip.compress(bytes(64 << 20), 9, mtime=0)) + bytes(1024),
+         "error", "64 MiB of gzip-compressed zeros: not a streamable disk")
+    hdr = bytearray(vmdk[:512])
+    struct.pack_into("<Q", hdr, 56, 0xFFFFFFFFFFFFFFFF)  # GD at the end, so a stream decoder needs no table
+    struct.pack_into("<Q", hdr, 64, 1)  # overhead: just the header
+    flood = bytes(hdr) + struct.pack("<QII", 0, 0, 1).ljust(512, b"\0") * 200000
+    case("ova-gzip-marker-flood", tar_member(b"vm.ovf", gz_ovf) + tar_member(b"disk.vmdk", gzip.compress(flood, 9, mtime=0)) + bytes(1024),
+         "any", "a compressed stream of 200000 empty grain-table markers")
+    huge = bytearray(hdr)
+    struct.pack_into("<Q", huge, 12, 1 << 31)  # 1 TiB
+    grain = zlib.compress(bytes(range(256)) * 256)
+    bomb = bytes(huge) + (struct.pack("<QI", 0, len(grain)) + grain).ljust(-(-(12 + len(grain)) // 512) * 512, b"\0")
+    case("ova-gzip-1tib", tar_member(b"vm.ovf", gz_ovf) + tar_member(b"disk.vmdk", gzip.compress(bomb, 9, mtime=0)) + bytes(1024),
+         "any", "a compressed stream of a 1 TiB disk holding one grain")
+    nested = tar_member(b"vm.ovf", ova_ovf("inner.ova")) + tar_member(b"inner.ova", good) + bytes(1024)
+    case("ova-nested", nested, "error", "an OVA as the disk of an OVA")
+
+
+# --------------------------------------------------------------------------------------------
 # Foreign formats and oddities
 
 
@@ -452,11 +591,11 @@ def misc_cases() -> None:
     case("qed", b"QED\0" + b"\0" * 508, "error", "QED is refused by name")
     vdi = bytearray(b"<<< Oracle VM VirtualBox Disk Image >>>\n".ljust(512, b"\0"))
     vdi[0x40:0x44] = b"\x7f\x10\xda\xbe"
-    case("vdi", bytes(vdi), "error", "VDI is refused by name")
+    case("vdi", bytes(vdi), "error", "a VDI signature and a zero header")
     tar = bytearray(1024)
     tar[0:8] = b"disk.ovf"
     tar[257:262] = b"ustar"
-    case("ova", bytes(tar), "error", "OVA is refused by name")
+    case("ova", bytes(tar), "error", "a tar magic without a valid header")
 
 
 def main() -> None:
@@ -472,6 +611,8 @@ def main() -> None:
     vmdk_cases(tmp)
     vhd_cases(tmp)
     vhdx_cases(tmp)
+    vdi_cases(tmp)
+    ova_cases(tmp)
     misc_cases()
     shutil.rmtree(tmp)
     with open(OUT / "cases.tsv", "w") as f:

@@ -149,3 +149,30 @@ pub fn read_tsv(path: &Path) -> Vec<std::collections::HashMap<String, String>> {
         })
         .collect()
 }
+
+/// The cases of the generator `testdata/<script>` (run once per script version, shared by the
+/// test processes through the target's temporary folder) and its `cases.tsv` rows. `None` (after
+/// a SKIP line) when python3 or qemu-img is missing outside CI. Tests must not modify the files.
+pub fn generate_cases(script: &str) -> Option<(PathBuf, Vec<std::collections::HashMap<String, String>>)> {
+    let ok = |c: &str| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok("python3") || !ok("qemu-img") {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "python3 and qemu-img are required on CI");
+        eprintln!("SKIP: python3 or qemu-img missing; {script} cases not run");
+        return None;
+    }
+    let path = repo_root().join("testdata").join(script);
+    let key = sha256_file(&path).0;
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let dir = root.join(format!("cases-{}-{}", script.replace('/', "-"), &key[..16]));
+    if !dir.join("cases.tsv").is_file() {
+        std::fs::create_dir_all(&root).unwrap();
+        let tmp = tempfile::tempdir_in(&root).unwrap();
+        let out = Command::new("python3").arg(&path).arg(tmp.path()).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+        // Another test process may have finished first: either copy serves.
+        if std::fs::rename(tmp.path(), &dir).is_ok() {
+            std::mem::forget(tmp);
+        }
+    }
+    Some((dir.clone(), read_tsv(&dir.join("cases.tsv"))))
+}
