@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 cargo test --release --no-default-features --quiet
 if cargo fuzz --version >/dev/null 2>&1 && rustup run nightly rustc --version >/dev/null 2>&1; then
   seconds=${FUZZ_SMOKE_SECONDS:-8}
-  for target in probe qcow2 vmdk vhd vhdx convert; do
+  for target in probe qcow2 vmdk vhd vhdx vdi ova convert; do
     corpus=$(mktemp -d)
     find ../testdata -type f -size -1024k ! -name '*.sh' ! -name '*.py' ! -name '*.tsv' ! -name '*.md' -exec cp {} "$corpus/" \;
     # Leak detection is off: the copy threads' thread-local destructors are reported as leaks.

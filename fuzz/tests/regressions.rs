@@ -23,6 +23,8 @@ fn body(target: &str) -> fn(&[u8]) {
         "vmdk" => |d| vdisk_fuzz::format(d, vdisk_core::Format::Vmdk),
         "vhd" => |d| vdisk_fuzz::format(d, vdisk_core::Format::Vhd),
         "vhdx" => |d| vdisk_fuzz::format(d, vdisk_core::Format::Vhdx),
+        "vdi" => |d| vdisk_fuzz::format(d, vdisk_core::Format::Vdi),
+        "ova" => |d| vdisk_fuzz::format(d, vdisk_core::Format::Ova),
         other => panic!("unknown target {other}"),
     }
 }

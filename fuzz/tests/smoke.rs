@@ -132,6 +132,16 @@ fn vhdx_smoke() {
 }
 
 #[test]
+fn vdi_smoke() {
+    run_all("vdi", |d| vdisk_fuzz::format(d, vdisk_core::Format::Vdi));
+}
+
+#[test]
+fn ova_smoke() {
+    run_all("ova", |d| vdisk_fuzz::format(d, vdisk_core::Format::Ova));
+}
+
+#[test]
 fn convert_smoke() {
     run_all("convert", vdisk_fuzz::convert);
 }

@@ -1,0 +1,5 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    vdisk_fuzz::format(data, vdisk_core::Format::Ova);
+});
