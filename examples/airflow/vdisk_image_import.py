@@ -1,20 +1,28 @@
-"""Import a user-uploaded VM image onto a block volume, with vdisk instead of qemu-img.
+"""Import a user-uploaded VM image onto block volumes, with vdisk instead of qemu-img.
 
 The image steps of the reference pipeline, as an Airflow 3 TaskFlow DAG:
 
-1. ``inspect_image``  detect the format from the content and read the virtual size
-   (was ``qemu-img info --output json``);
-2. ``volume_size``    the volume to provision: the virtual size rounded up to whole GiB;
-3. ``convert``        write the guest content onto the target device, with progress in the task
+1. ``inspect_image``  detect the format from the content and read the virtual size (was
+   ``qemu-img info --output json``); for an OVA archive, list its disks. It returns the list of
+   disks to import, one per target volume: one for a disk image, one per disk of an OVA.
+2. ``volume_size``    the volume to provision for each disk: its virtual size rounded up to GiB;
+3. ``convert``        write each disk's guest content onto its device, with progress in the task
    log (was ``qemu-img convert -f FMT -O host_device``);
-4. ``verify``         compare a SHA-256 of the device's first ``virtual_size`` bytes with the image's
-   content, and run ``e2fsck -fn`` when the disk holds an ext4 file system (was ``fsck -n``).
+4. ``verify``         compare a SHA-256 of each device's first ``virtual_size`` bytes with the disk's
+   content, and run ``e2fsck -fn`` when it holds an ext4 file system (was ``fsck -n``).
 
-Creating the instance and creating/attaching the volume are the cloud steps around these and are
-out of scope: the attached device is the ``device`` parameter. Trigger with, for example::
+Steps 2 to 4 are mapped over the disk list (dynamic task mapping, ``.expand()``): an OVA of
+several disks fans out into one task per disk at each step, so the disks convert in parallel on
+the workers.
+
+Creating the instance and creating/attaching the volumes are the cloud steps around these and
+are out of scope: the attached devices are the ``device`` parameter (a disk image or a one-disk
+OVA) or the ``devices`` list (an OVA's disks, in order). Trigger with, for example::
 
     airflow dags trigger vdisk_image_import \\
         --conf '{"image": "/data/upload/image.source", "device": "/dev/oracleoci/oraclevdb"}'
+    airflow dags trigger vdisk_image_import \\
+        --conf '{"image": "/data/upload/vm.ova", "devices": ["/dev/oracleoci/oraclevdb", "/dev/oracleoci/oraclevdc"]}'
 """
 
 from __future__ import annotations
@@ -109,10 +117,16 @@ def _device_size(path: str) -> int:
         "device": Param(
             "/dev/oracleoci/oraclevdb", type="string", description="The attached volume to write the disk onto."
         ),
+        "devices": Param(
+            [],
+            type="array",
+            items={"type": "string"},
+            description="For an OVA: the attached volumes to write its disks onto, in the OVF's order.",
+        ),
         "format": Param(
             None,
             type=["null", "string"],
-            enum=[None, "raw", "qcow2", "vmdk", "vpc", "vhd", "vhdx"],
+            enum=[None, "raw", "qcow2", "vmdk", "vpc", "vhd", "vhdx", "vdi", "ova"],
             description="Source format; detected from the content when null.",
         ),
         "references": Param(
@@ -128,44 +142,70 @@ def _device_size(path: str) -> int:
     },
 )
 def vdisk_image_import() -> None:
-    """Inspect, size, convert and verify one uploaded image."""
+    """Inspect, size, convert and verify one uploaded image, disk by disk."""
 
     @task
-    def inspect_image(**context: Any) -> dict[str, Any]:
-        """Detect the format and read the virtual size (``qemu-img info``'s job)."""
+    def inspect_image(**context: Any) -> list[dict[str, Any]]:
+        """Detect the format, read the virtual size and list the disks (``qemu-img info``'s job)."""
         params = context["params"]
-        with vdisk.open(params["image"], format=params["format"], references=params["references"]) as img:
+        image = params["image"]
+        with vdisk.open(image, format=params["format"], references=params["references"]) as img:
             info = img.info()
-            result = {"image": params["image"], "format": img.format, "virtual_size": img.virtual_size}
-        log.info("image %s: format %s, virtual size %d bytes", params["image"], result["format"], result["virtual_size"])
-        if info.get("backing-filename"):
-            log.info("backing file: %s", info["backing-filename"])
-        return result
+            fmt = img.format
+        base = {"image": image, "format": fmt, "references": params["references"]}
+        if fmt != "ova":
+            log.info("image %s: format %s, virtual size %d bytes", image, fmt, info["virtual-size"])
+            if info.get("backing-filename"):
+                log.info("backing file: %s", info["backing-filename"])
+            disk = {"disk": None, "disk_format": fmt, "virtual_size": info["virtual-size"], "device": params["device"]}
+            return [base | disk]
+        listed = info["format-specific"]["data"]["disks"]
+        devices = list(params["devices"]) or ([params["device"]] if len(listed) == 1 else [])
+        log.info("image %s: format ova, %d disk%s", image, len(listed), "" if len(listed) == 1 else "s")
+        if len(devices) != len(listed):
+            raise ValueError(f"{image} holds {len(listed)} disks but {len(devices)} devices were given (param devices)")
+        disks = []
+        for d, device in zip(listed, devices):
+            if d.get("error"):
+                raise ValueError(f"{image}: disk {d['index']} ({d['file']}) cannot be read: {d['error']}")
+            log.info(
+                "disk %d: %s, format %s, virtual size %d bytes -> %s",
+                d["index"],
+                d["file"],
+                d["format"],
+                d["virtual-size"],
+                device,
+            )
+            disks.append(
+                base | {"disk": d["index"], "disk_format": d["format"], "virtual_size": d["virtual-size"], "device": device}
+            )
+        return disks
 
     @task
-    def volume_size(image: dict[str, Any], **context: Any) -> int:
+    def volume_size(disk: dict[str, Any], **context: Any) -> dict[str, Any]:
         """Size of the volume to provision, in GiB: the virtual size rounded up."""
-        gib: int = max(int(context["params"]["min_volume_gb"]), math.ceil(int(image["virtual_size"]) / GIB))
-        log.info("volume size: %d GiB for %d bytes", gib, image["virtual_size"])
-        return gib
+        gib: int = max(int(context["params"]["min_volume_gb"]), math.ceil(int(disk["virtual_size"]) / GIB))
+        log.info("volume size: %d GiB for %d bytes (%s)", gib, disk["virtual_size"], _label(disk))
+        return disk | {"volume_gb": gib}
 
     @task
-    def convert(image: dict[str, Any], volume_gb: int, **context: Any) -> dict[str, Any]:
-        """Write the guest content onto the device, with progress in the task log."""
+    def convert(disk: dict[str, Any], **context: Any) -> dict[str, Any]:
+        """Write the disk's guest content onto its device, with progress in the task log."""
         params = context["params"]
-        device = params["device"]
+        device = disk["device"]
         size = _device_size(device)
-        if size < image["virtual_size"]:
-            raise ValueError(f"{device} has {size} bytes, fewer than the image's {image['virtual_size']}")
-        if size < volume_gb * GIB:
-            log.warning("%s has %d bytes, less than the %d GiB volume computed", device, size, volume_gb)
-        log.info("converting %s (%s) onto %s", image["image"], image["format"], device)
+        if size < disk["virtual_size"]:
+            raise ValueError(f"{device} has {size} bytes, fewer than the disk's {disk['virtual_size']}")
+        if size < disk["volume_gb"] * GIB:
+            log.warning("%s has %d bytes, less than the %d GiB volume computed", device, size, disk["volume_gb"])
+        log.info("converting %s onto %s", _label(disk), device)
         progress = ProgressLog(log)
         report = vdisk.convert(
-            image["image"],
+            disk["image"],
             device,
-            format=image["format"],
-            references=params["references"],
+            format=disk["format"],
+            references=disk["references"],
+            disk=disk["disk"],
             target_is_zero=params["target_is_zero"],
             require_device=params["require_block_device"],
             must_exist=True,
@@ -179,8 +219,7 @@ def vdisk_image_import() -> None:
             report.bytes_zeroed,
             report.threads,
         )
-        return {
-            "virtual_size": report.virtual_size,
+        return disk | {
             "bytes_written": report.bytes_written,
             "bytes_zeroed": report.bytes_zeroed,
             "seconds": report.seconds,
@@ -188,19 +227,18 @@ def vdisk_image_import() -> None:
         }
 
     @task
-    def verify(image: dict[str, Any], report: dict[str, Any], **context: Any) -> dict[str, Any]:
-        """Compare the device with the image and fsck an ext4 file system (``fsck -n``'s job)."""
+    def verify(disk: dict[str, Any], **context: Any) -> dict[str, Any]:
+        """Compare the device with the disk and fsck an ext4 file system (``fsck -n``'s job)."""
         params = context["params"]
-        device = params["device"]
+        device = disk["device"]
         if not params["verify"]:
             log.info("verification skipped")
             return {"verified": False}
-        size = image["virtual_size"]
+        size = disk["virtual_size"]
         want = hashlib.sha256()
         got = hashlib.sha256()
-        with vdisk.open(image["image"], format=image["format"], references=params["references"]) as img, open(
-            device, "rb"
-        ) as dev:
+        opened = vdisk.open(disk["image"], format=disk["format"], references=disk["references"], disk=disk["disk"])
+        with opened as img, open(device, "rb") as dev:
             pos = 0
             while pos < size:
                 n = min(VERIFY_CHUNK, size - pos)
@@ -213,8 +251,8 @@ def vdisk_image_import() -> None:
             dev.seek(EXT_MAGIC_OFFSET)
             ext = dev.read(len(EXT_MAGIC)) == EXT_MAGIC
         if got.hexdigest() != want.hexdigest():
-            raise RuntimeError(f"{device} does not hold the image's content (sha256 {got.hexdigest()})")
-        log.info("device content verified: sha256 %s over %d bytes", want.hexdigest(), size)
+            raise RuntimeError(f"{device} does not hold the content of {_label(disk)} (sha256 {got.hexdigest()})")
+        log.info("device content verified: sha256 %s over %d bytes (%s on %s)", want.hexdigest(), size, _label(disk), device)
         fsck = None
         if ext:
             e2fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
@@ -224,13 +262,20 @@ def vdisk_image_import() -> None:
                 raise RuntimeError(f"e2fsck -fn {device} found problems (exit {run.returncode})")
             fsck = run.returncode
         else:
-            log.info("no ext2/3/4 file system at the start of the disk: fsck skipped")
-        return {"verified": True, "sha256": want.hexdigest(), "e2fsck": fsck}
+            log.info("no ext2/3/4 file system at the start of %s: fsck skipped", device)
+        return {"verified": True, "device": device, "sha256": want.hexdigest(), "e2fsck": fsck}
 
-    image = inspect_image()
-    gb = volume_size(image)
-    report = convert(image, gb)
-    verify(image, report)
+    disks = inspect_image()
+    sized = volume_size.expand(disk=disks)
+    converted = convert.expand(disk=sized)
+    verify.expand(disk=converted)
+
+
+def _label(disk: dict[str, Any]) -> str:
+    """``image`` or ``image disk N`` for the log."""
+    if disk["disk"] is None:
+        return f"{disk['image']} ({disk['format']})"
+    return f"{disk['image']} disk {disk['disk']} ({disk['disk_format']})"
 
 
 image_import_dag = vdisk_image_import()

@@ -1,21 +1,24 @@
 """The example DAG (examples/airflow/vdisk_image_import.py) under real Apache Airflow 3.
 
 Airflow is installed into a venv of its own under target/ (cached between runs, keyed by the
-requirement and the Python version), with the freshly built vdisk wheel. The test runs
-`airflow db migrate`, then the DAG with `dag.test(run_conf=...)`, converting an image that holds an
-ext4 file system onto a loop device filled with garbage, and checks the run's success, the
-device's content, and the progress lines in the convert task's log.
+requirement and the Python version), with the freshly built vdisk wheel. The tests run
+`airflow db migrate`, then the DAG with `dag.test(run_conf=...)`: an image that holds an ext4 file
+system onto a loop device filled with garbage, and an OVA of two such disks onto two loop devices,
+its disks fanned out by dynamic task mapping; they check the run's success, every mapped task
+instance, each device's content, and the progress lines in the log.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,35 @@ sys.path.insert(0, sys.argv[1])
 import vdisk_image_import as module
 
 run = module.image_import_dag.test(run_conf=json.loads(sys.argv[2]))
-tasks = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+tasks = sorted([ti.task_id, ti.map_index, str(ti.state)] for ti in run.get_task_instances())
 print("DAG-RESULT " + json.dumps({"state": str(run.state), "tasks": tasks}), flush=True)
 """
+
+#: The DAG's tasks; every one but inspect_image is mapped over the disks.
+TASKS = ("inspect_image", "volume_size", "convert", "verify")
+
+
+def expected_tasks(disks: int) -> list[list[Any]]:
+    """Every task instance of a successful run over `disks` disks."""
+    rows = [["inspect_image", -1, "success"]]
+    rows += [[t, i, "success"] for t in TASKS[1:] for i in range(disks)]
+    return sorted(rows)
+
+
+def run_dag(airflow: dict[str, Any], conf: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Run the DAG with `conf`; its result and the whole output."""
+    run = subprocess.run(
+        [airflow["python"], "-c", DRIVER, str(DAGS), json.dumps(conf)],
+        env=airflow["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = run.stdout + run.stderr
+    result_lines = [line for line in run.stdout.splitlines() if line.startswith("DAG-RESULT ")]
+    assert run.returncode == 0 and result_lines, out[-6000:]
+    result: dict[str, Any] = json.loads(result_lines[-1][len("DAG-RESULT ") :])
+    return result, out
 
 
 def airflow_venv() -> Path:
@@ -116,19 +145,9 @@ def test_dag_converts_onto_a_loop_device(fmt: str, airflow: dict[str, Any], tmp_
         dev.write(MARKER)
 
     conf = {"image": str(image), "device": device, "min_volume_gb": 1}
-    run = subprocess.run(
-        [airflow["python"], "-c", DRIVER, str(DAGS), json.dumps(conf)],
-        env=airflow["env"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out = run.stdout + run.stderr
-    result_lines = [line for line in run.stdout.splitlines() if line.startswith("DAG-RESULT ")]
-    assert run.returncode == 0 and result_lines, out[-6000:]
-    result = json.loads(result_lines[-1][len("DAG-RESULT ") :])
+    result, out = run_dag(airflow, conf)
     assert result["state"] == "success", out[-6000:]
-    assert result["tasks"] == {t: "success" for t in ("inspect_image", "volume_size", "convert", "verify")}, result
+    assert result["tasks"] == expected_tasks(1), result
 
     # The device holds the guest content, and nothing past it was touched.
     with open(device, "rb") as dev:
@@ -136,14 +155,81 @@ def test_dag_converts_onto_a_loop_device(fmt: str, airflow: dict[str, Any], tmp_
         assert dev.read(len(MARKER)) == MARKER
 
     # The convert task's log has the progress lines, ending at 100 %.
-    start = out.index("starting task_id=convert")
-    end = out.index("end task task_id=convert", start)
-    convert_log = out[start:end]
-    progress = [line for line in convert_log.splitlines() if "vdisk progress:" in line]
-    assert progress, convert_log[-4000:]
+    progress = [line for line in out.splitlines() if "vdisk progress:" in line]
+    assert progress, out[-4000:]
     assert "(100.0%)" in progress[-1]
     # The other steps reported what they found.
     assert f"format {fmt}, virtual size {IMAGE_SIZE} bytes" in out
     assert "volume size: 1 GiB" in out
     assert "device content verified" in out
     assert f"e2fsck -fn {device}: exit 0" in out
+
+
+#: Sizes of the two disks of the OVA (neither a multiple of 1 GiB nor equal).
+OVA_DISKS = (96 * MiB, 64 * MiB)
+
+
+def make_two_disk_ova(tmp_path: Path) -> tuple[Path, list[bytes]]:
+    """An OVA holding two streamOptimized VMDKs, each an ext4 file system; returns it and each
+    disk's guest content."""
+    members: list[tuple[str, bytes]] = []
+    guests: list[bytes] = []
+    disk_lines, file_lines = [], []
+    for i, size in enumerate(OVA_DISKS, 1):
+        content = tmp_path / f"content{i}"
+        content.mkdir()
+        (content / "disk.txt").write_text(f"disk {i} of the OVA\n")
+        (content / "data.bin").write_bytes(pattern(3 * MiB + 17 * i, 20 + i))
+        raw = tmp_path / f"disk{i}.raw"
+        subprocess.run([need("mkfs.ext4"), "-q", "-F", "-d", str(content), str(raw), str(size // 1024)], check=True)
+        guests.append(raw.read_bytes())
+        vmdk = tmp_path / f"disk{i}.vmdk"
+        qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(vmdk))
+        data = vmdk.read_bytes()
+        members.append((f"vm-disk{i}.vmdk", data))
+        file_lines.append(f'<File ovf:href="vm-disk{i}.vmdk" ovf:id="file{i}" ovf:size="{len(data)}"/>')
+        disk_lines.append(
+            f'<Disk ovf:capacity="{size // MiB}" ovf:capacityAllocationUnits="byte * 2^20" ovf:diskId="vmdisk{i}" '
+            f'ovf:fileRef="file{i}" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>'
+        )
+    ovf = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" '
+        'xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"><References>' + "".join(file_lines) + "</References>"
+        "<DiskSection><Info>disks</Info>" + "".join(disk_lines) + "</DiskSection></Envelope>\n"
+    ).encode()
+    manifest = "".join(f"SHA256({n})= {hashlib.sha256(d).hexdigest()}\n" for n, d in [("vm.ovf", ovf), *members])
+    ova = tmp_path / "upload.source"  # no extension, as uploads arrive
+    with tarfile.open(ova, "w", format=tarfile.USTAR_FORMAT) as t:
+        for name, data in [("vm.ovf", ovf), ("vm.mf", manifest.encode()), *members]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return ova, guests
+
+
+def test_dag_fans_an_ova_out_disk_by_disk(airflow: dict[str, Any], tmp_path: Path, loop_device: Any) -> None:
+    ova, guests = make_two_disk_ova(tmp_path)
+    try:
+        devices = [loop_device(GiB, name=f"volume{i}.img") for i in (1, 2)]
+    except pytest.skip.Exception as skip:
+        print(f"SKIP: the Airflow OVA test needs two loop devices: {skip}", file=sys.__stderr__, flush=True)
+        raise
+    for device, guest in zip(devices, guests):
+        with open(device, "r+b") as dev:
+            dev.write(b"\x5a" * len(guest))
+            dev.write(MARKER)
+
+    result, out = run_dag(airflow, {"image": str(ova), "devices": devices, "min_volume_gb": 1})
+    assert result["state"] == "success", out[-6000:]
+    assert result["tasks"] == expected_tasks(2), result
+
+    for device, guest in zip(devices, guests):
+        with open(device, "rb") as dev:
+            assert hashlib.sha256(dev.read(len(guest))).hexdigest() == hashlib.sha256(guest).hexdigest(), device
+            assert dev.read(len(MARKER)) == MARKER
+        assert f"e2fsck -fn {device}: exit 0" in out
+    assert "format ova, 2 disks" in out
+    for i, size in enumerate(OVA_DISKS, 1):
+        assert f"disk {i}: vm-disk{i}.vmdk, format vmdk, virtual size {size} bytes -> {devices[i - 1]}" in out
+        assert f"disk {i} (vmdk)" in out
+    assert sum("(100.0%)" in line for line in out.splitlines() if "vdisk progress:" in line) >= 2
