@@ -1,8 +1,8 @@
 //! # vdisk-core
 //!
-//! A pure-Rust reader for qcow2, VMDK, VHD, VHDX and raw disk images that exposes each image as a
-//! sparse list of [`Extent`]s and copies the guest-visible content, in parallel, to a raw file or
-//! a block device.
+//! A pure-Rust reader for qcow2, VMDK, VHD, VHDX, VDI and raw disk images, and for the disks inside
+//! OVA archives (read in place), that exposes each image as a sparse list of [`Extent`]s and copies
+//! the guest-visible content, in parallel, to a raw file or a block device.
 //!
 //! Images are untrusted input: format detection is by content, every reference to another file
 //! goes through a [`ReferencePolicy`] (deny by default), and every table is bounded by [`Limits`].

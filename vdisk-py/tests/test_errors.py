@@ -83,15 +83,20 @@ def test_permission_denied(tmp_path: Path) -> None:
 
 
 def test_unsupported_formats(tmp_path: Path) -> None:
-    vdi = write_at(tmp_path / "disk.vdi", MiB, [(0, b"<<< Oracle VM VirtualBox Disk Image >>>\n"), (0x40, b"\x7f\x10\xda\xbe")])
+    qed = write_at(tmp_path / "disk.qed", MiB, [(0, b"QED\0")])
     qcow1 = write_at(tmp_path / "disk.qcow", MiB, [(0, b"QFI\xfb\x00\x00\x00\x01")])
-    for path in (vdi, qcow1):
+    for path in (qed, qcow1):
         with pytest.raises(vdisk.UnsupportedFeatureError) as e:
             vdisk.open(path)
         assert str(e.value) == cli_error("info", str(path))
         with pytest.raises(vdisk.VdiskError):
             vdisk.convert(path, tmp_path / "out.raw")
-    assert "VDI" in cli_error("info", str(vdi))
+    assert "QED" in cli_error("info", str(qed))
+    # A VDI signature over a header of zeros is read as a VDI and refused as a damaged one.
+    vdi = write_at(tmp_path / "disk.vdi", MiB, [(0, b"<<< Oracle VM VirtualBox Disk Image >>>\n"), (0x40, b"\x7f\x10\xda\xbe")])
+    with pytest.raises(vdisk.InvalidImageError) as err:
+        vdisk.open(vdi)
+    assert str(err.value) == cli_error("info", str(vdi))
 
 
 @pytest.mark.parametrize("kind", ["qcow2", "vpc", "vhdx"])
@@ -177,8 +182,10 @@ def test_target_in_missing_directory(tmp_path: Path) -> None:
 
 def test_bad_arguments(tmp_path: Path) -> None:
     src = write_at(tmp_path / "disk.raw", MiB, [(0, b"x")])
-    with pytest.raises(ValueError, match="unknown format 'vdi'"):
-        vdisk.open(src, format="vdi")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown format 'qed'"):
+        vdisk.open(src, format="qed")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="disk must be 1 or more"):
+        vdisk.open(src, disk=0)
     with pytest.raises(ValueError, match="unknown reference policy 'all'"):
         vdisk.open(src, references="all")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown format"):

@@ -327,7 +327,9 @@ pub(crate) fn open(
                 )))
             }
         },
-        None => (0, count == 1),
+        // By default the only disk, or the first one stored in the archive (conversion then
+        // asks for a choice when there are several).
+        None => (disks.iter().position(|d| d.stored.is_ok() && d.file.is_some()).unwrap_or(0), count == 1),
     };
     let top = {
         let d = &disks[selected];
