@@ -336,6 +336,10 @@ def make_cases() -> None:
     mismatch = [dict(href="disk1.vmdk", size=len(a_stream) + 7, capacity=50, units="byte * 2^30", format=STREAM_URI)]
     case("capacity-mismatch.ova", ova(mismatch, [("disk1.vmdk", a_stream)]), "ok", a, check="2",
          why="ovf:capacity and ovf:size that disagree")
+    desc = ovf(simple("disk1.vmdk", a_stream, len(a)))
+    files = [("vm.ovf", desc), ("disk1.vmdk", a_stream)]
+    sub = tar_bytes([("export/vm.ovf", desc), ("export/vm.mf", manifest(files)), ("export/disk1.vmdk", a_stream)])
+    case("subfolder.ova", sub, "ok", a, check="0", why="descriptor, manifest and disk in a folder of the archive")
     case("ovf-last.ova", ova(simple("disk1.vmdk", a_stream, len(a)), [("disk1.vmdk", a_stream)], ovf_last=True), "ok", a,
          check="0", why="the .ovf after the disk")
     case("qcow2-labelled-vmdk.ova", ova(simple("disk1.vmdk", b_qcow2, len(b)), [("disk1.vmdk", b_qcow2)]), "ok", b,

@@ -133,8 +133,25 @@ fn find_member<'a>(members: &'a [Member], name: &str) -> std::result::Result<Opt
     }
 }
 
-/// Where the file `f` is stored.
-fn locate(members: &[Member], f: &OvfFile) -> std::result::Result<Stored, String> {
+/// The member name of `name`, found in the folder `dir` of the file that lists it (hrefs and
+/// manifest names are relative to it) or, failing that, at the top of the archive.
+fn in_folder(members: &[Member], dir: &str, name: &str, probe: &str) -> String {
+    if !dir.is_empty() {
+        let nested = format!("{dir}/{probe}");
+        if members.iter().any(|m| m.name == nested) {
+            return format!("{dir}/{name}");
+        }
+    }
+    name.to_string()
+}
+
+/// The folder of a member name (`""` at the top of the archive).
+fn folder(name: &str) -> &str {
+    name.rsplit_once('/').map_or("", |(d, _)| d)
+}
+
+/// Where the file `f`, listed by a descriptor in folder `dir`, is stored.
+fn locate(members: &[Member], f: &OvfFile, dir: &str) -> std::result::Result<Stored, String> {
     let mut href = f.href.as_str();
     while let Some(rest) = href.strip_prefix("./") {
         href = rest;
@@ -142,6 +159,12 @@ fn locate(members: &[Member], f: &OvfFile) -> std::result::Result<Stored, String
     if href.is_empty() || href.starts_with('/') || href.contains("://") || href.split('/').any(|c| c == "..") {
         return Err(format!("the OVF file reference '{}' is not a name inside the archive", f.href));
     }
+    let probe = match f.chunk_size {
+        None => href.to_string(),
+        Some(_) => format!("{href}.000000000"),
+    };
+    let href = in_folder(members, dir, href, &probe);
+    let href = href.as_str();
     let mut segments = Vec::new();
     let mut size = 0u64;
     match f.chunk_size {
@@ -302,7 +325,7 @@ pub(crate) fn open(
         let index = u32::try_from(i + 1).unwrap_or(u32::MAX);
         let file = ovf_disk.file_ref.as_ref().and_then(|r| descriptor.files.iter().find(|f| &f.id == r)).cloned();
         let stored = match (&file, &ovf_disk.file_ref) {
-            (Some(f), _) => locate(&members, f),
+            (Some(f), _) => locate(&members, f, folder(&desc.name)),
             (None, Some(r)) => Err(format!("it names file '{r}', which the OVF's References do not list")),
             (None, None) => Err(format!(
                 "it names no file (an empty disk of capacity {} to be created on import)",
@@ -537,7 +560,8 @@ impl Ova {
             while let Some(rest) = listed.strip_prefix("./") {
                 listed = rest;
             }
-            let member = match find_member(&self.members, listed) {
+            let listed = in_folder(&self.members, folder(name), listed, listed);
+            let member = match find_member(&self.members, &listed) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     report.corruption(format!("manifest '{name}' lists '{}', which the archive does not hold", e.name));
