@@ -26,6 +26,9 @@ pub enum ErrorKind {
     Target,
     /// The operation was cancelled by the caller.
     Cancelled,
+    /// A resume journal does not match this conversion (the message says what changed), or is
+    /// damaged.
+    Journal,
 }
 
 impl ErrorKind {
@@ -39,6 +42,7 @@ impl ErrorKind {
             ErrorKind::LimitExceeded => "limit-exceeded",
             ErrorKind::Target => "target",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Journal => "journal",
         }
     }
 }

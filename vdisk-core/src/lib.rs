@@ -42,8 +42,12 @@ mod io;
 mod limits;
 mod policy;
 mod probe;
+mod verify;
 
-pub use copy::{convert, default_threads, ConvertOptions, ConvertReport, Progress, TargetKind, DEFAULT_ITEM_SIZE};
+pub use copy::{
+    convert, default_threads, ConvertOptions, ConvertReport, Progress, TargetKind, DEFAULT_CHECKPOINT_BYTES,
+    DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_ITEM_SIZE,
+};
 pub use decompress::ReadScratch;
 pub use error::{Error, ErrorKind, Result};
 pub use extent::{CompressedUnit, Compression, Extent, ExtentKind, FileId, Location};
@@ -53,3 +57,7 @@ pub use io::{MemSource, ReadAt};
 pub use limits::Limits;
 pub use policy::ReferencePolicy;
 pub use probe::Format;
+pub use verify::{
+    checksum, compare, Checksum, ChecksumAlgorithm, ChecksumOptions, CompareError, CompareOptions, CompareStage,
+    Comparison, Difference, BLKHASH_BLOCK_SIZE,
+};

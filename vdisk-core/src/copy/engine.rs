@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use rayon::iter::{ParallelBridge, ParallelIterator};
 
+use super::observer::{ItemContent, ItemDone, Observer};
 use super::plan::{Planner, WorkItem};
 use super::sink::{Sink, DIRECT_ALIGN};
 use crate::decompress::ReadScratch;
@@ -27,6 +28,8 @@ pub(crate) struct Counters {
     pub(crate) done: AtomicU64,
     pub(crate) written: AtomicU64,
     pub(crate) zeroed: AtomicU64,
+    /// Bytes an observer said were already done (resume).
+    pub(crate) skipped: AtomicU64,
 }
 
 /// One worker's reusable state.
@@ -36,6 +39,7 @@ struct Worker<'a> {
     counters: &'a Counters,
     buf: AlignedBuf,
     scratch: ReadScratch,
+    observers: &'a [&'a dyn Observer],
 }
 
 /// A buffer whose start is aligned for `O_DIRECT`: a vector over-allocated by the alignment and
@@ -65,17 +69,26 @@ impl AlignedBuf {
 
 impl Worker<'_> {
     fn run(&mut self, item: WorkItem) -> Result<()> {
-        match item {
-            WorkItem::Zero { start, len } => {
-                if self.sink.zero_needed() {
+        let (start, len) = match &item {
+            WorkItem::Zero { start, len } | WorkItem::Data { start, len, .. } => (*start, *len),
+        };
+        let skipped = self.observers.iter().any(|o| o.skip(start, len));
+        let mut work_bytes = 0;
+        let content = match item {
+            WorkItem::Zero { .. } => {
+                if self.sink.zero_needed() && !skipped {
                     self.sink
                         .zero_range(start, len)
                         .map_err(|e| Error::io(format!("zeroing the target at {start:#x}"), e))?;
                     self.counters.zeroed.fetch_add(len, Relaxed);
+                    work_bytes = len;
                 }
-                self.counters.done.fetch_add(len, Relaxed);
+                ItemContent::Zero
             }
-            WorkItem::Data { start, len, pieces } => {
+            WorkItem::Data { .. } if skipped && !self.observers.iter().any(|o| o.wants_content()) => {
+                ItemContent::Unread
+            }
+            WorkItem::Data { pieces, .. } => {
                 let n = usize::try_from(len).map_err(|_| Error::invalid("work item too large"))?;
                 let buf = self.buf.resize(n);
                 for piece in &pieces {
@@ -83,18 +96,29 @@ impl Worker<'_> {
                     let to = usize::try_from(piece.end() - start).unwrap_or(n);
                     self.image.read_extent(piece, &mut buf[from..to], &mut self.scratch)?;
                 }
-                self.write(start)?;
-                self.counters.done.fetch_add(len, Relaxed);
+                if !skipped {
+                    work_bytes = self.write(start)?;
+                }
+                ItemContent::Data(self.buf.get())
             }
+        };
+        if skipped {
+            self.counters.skipped.fetch_add(len, Relaxed);
         }
+        let done = ItemDone { start, len, content, skipped, work_bytes };
+        for observer in self.observers {
+            observer.item_done(&done)?;
+        }
+        self.counters.done.fetch_add(len, Relaxed);
         Ok(())
     }
 
     /// Write the buffer at `start`, leaving out zero granules (holes in a new file, zeroed ranges
-    /// elsewhere).
-    fn write(&mut self, start: u64) -> Result<()> {
+    /// elsewhere); returns the bytes written or zeroed.
+    fn write(&mut self, start: u64) -> Result<u64> {
         let buf = self.buf.get();
         let zero_needed = self.sink.zero_needed();
+        let mut work = 0u64;
         let mut pos = 0;
         while pos < buf.len() {
             // Find the next run of zero granules long enough to treat apart.
@@ -129,16 +153,18 @@ impl Worker<'_> {
                     .write_at(&buf[data_start..zero_start], at)
                     .map_err(|e| Error::io(format!("writing the target at {at:#x}"), e))?;
                 self.counters.written.fetch_add((zero_start - data_start) as u64, Relaxed);
+                work += (zero_start - data_start) as u64;
             }
             if zero_start < zero_end && zero_needed {
                 let at = start + zero_start as u64;
                 let len = (zero_end - zero_start) as u64;
                 self.sink.zero_range(at, len).map_err(|e| Error::io(format!("zeroing the target at {at:#x}"), e))?;
                 self.counters.zeroed.fetch_add(len, Relaxed);
+                work += len;
             }
             pos = zero_end;
         }
-        Ok(())
+        Ok(work)
     }
 }
 
@@ -155,7 +181,8 @@ pub(crate) struct Reporting<'a> {
     pub(crate) interval: Duration,
 }
 
-/// Run the whole copy of `image` into `sink` on `threads` threads with items of `item_size`.
+/// Run the whole copy of `image` into `sink` on `threads` threads with items of `item_size`,
+/// telling `observers` about every item.
 pub(crate) fn execute(
     image: &Image,
     sink: &Sink,
@@ -163,10 +190,12 @@ pub(crate) fn execute(
     item_size: u64,
     counters: &Counters,
     reporting: &Reporting<'_>,
+    observers: &[&dyn Observer],
 ) -> Result<()> {
     let total = image.virtual_size();
     let stop = AtomicBool::new(false);
     let cancelled = || stop.load(Relaxed) || reporting.cancel.is_some_and(|c| c.load(Relaxed));
+    let first_error: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("vdisk-copy-{i}"))
@@ -176,16 +205,34 @@ pub(crate) fn execute(
         let items = Planner::new(image.extents(), item_size);
         pool.install(|| {
             items.par_bridge().try_for_each_init(
-                || Worker { image, sink, counters, buf: AlignedBuf::default(), scratch: ReadScratch::default() },
+                || Worker {
+                    image,
+                    sink,
+                    counters,
+                    buf: AlignedBuf::default(),
+                    scratch: ReadScratch::default(),
+                    observers,
+                },
                 |worker, item| {
                     if cancelled() {
                         return Err(Error::new(ErrorKind::Cancelled, "the conversion was cancelled"));
                     }
-                    worker.run(item?)
+                    worker.run(item?).map_err(|e| {
+                        // Keep the first error (rayon returns any one of them), then release copy
+                        // threads an observer may hold waiting for this one.
+                        let mut first = first_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if first.is_none() {
+                            *first = Some(e);
+                            drop(first);
+                            observers.iter().for_each(|o| o.abort());
+                        }
+                        Error::new(ErrorKind::Cancelled, "stopped by an error in another copy thread")
+                    })
                 },
             )
         })
     };
+    let mut tick_error = None;
     let result = std::thread::scope(|s| {
         // The copy runs on its own thread; this one reports progress and watches for
         // cancellation, and is woken the moment the copy ends (no polling latency).
@@ -201,6 +248,13 @@ pub(crate) fn execute(
             if reporting.cancel.is_some_and(|c| c.load(Relaxed)) {
                 stop.store(true, Relaxed);
             }
+            if tick_error.is_none() {
+                if let Some(e) = observers.iter().find_map(|o| o.tick().err()) {
+                    tick_error = Some(e);
+                    stop.store(true, Relaxed);
+                    observers.iter().for_each(|o| o.abort());
+                }
+            }
             if let Some(progress) = reporting.progress {
                 if last.elapsed() >= reporting.interval {
                     last = Instant::now();
@@ -210,8 +264,14 @@ pub(crate) fn execute(
         }
         handle.join().unwrap_or_else(|_| Err(Error::new(ErrorKind::Io, "a copy thread panicked")))
     });
+    if let Some(e) = tick_error {
+        return Err(e);
+    }
     if result.is_err() && reporting.cancel.is_some_and(|c| c.load(Relaxed)) {
         return Err(Error::new(ErrorKind::Cancelled, "the conversion was cancelled"));
+    }
+    if let Some(e) = first_error.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+        return Err(e);
     }
     result?;
     if let Some(progress) = reporting.progress {

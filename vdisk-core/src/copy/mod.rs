@@ -1,6 +1,7 @@
 //! Converting an image to a raw file or block device: plan -> execute -> sink.
 
 mod engine;
+pub(crate) mod observer;
 mod plan;
 mod sink;
 mod stream;
@@ -9,15 +10,27 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+pub(crate) use engine::is_zero;
+pub(crate) use sink::TargetIdentity;
 pub use sink::TargetKind;
 
 use crate::error::{Error, Result};
 use crate::image::Image;
+use crate::verify::blkhash::StreamHasher;
+use crate::verify::resume;
+use observer::Observer;
 
 /// Default work item size: large enough that per-item overhead (a pool hand-off, a write call)
 /// is negligible, small enough that threads x items stays a few tens of MiB, and at least the
 /// largest qcow2 cluster (2 MiB) so no compressed cluster is split.
 pub const DEFAULT_ITEM_SIZE: u64 = 4 << 20;
+
+/// Default interval between resume-journal checkpoints: at most this much work is redone after
+/// a kill.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Default bytes of work between resume-journal checkpoints, whichever comes first.
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 1 << 30;
 
 /// Default interval between progress callbacks.
 pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -48,6 +61,17 @@ pub struct ConvertOptions<'a> {
     pub progress_interval: Duration,
     /// Set to true (from any thread) to stop the copy between work items.
     pub cancel: Option<&'a AtomicBool>,
+    /// Compute the blkhash of what is written while writing it (`--checksum`).
+    pub checksum: bool,
+    /// Keep a resume journal here (`--journal`): a rerun with the same source, target and
+    /// options skips what it records as written. Never on the target.
+    pub journal: Option<&'a Path>,
+    /// Discard an existing journal and start over (`--restart`).
+    pub restart: bool,
+    /// Most time between journal checkpoints.
+    pub checkpoint_interval: Duration,
+    /// Most bytes of work between journal checkpoints.
+    pub checkpoint_bytes: u64,
 }
 
 impl Default for ConvertOptions<'_> {
@@ -62,6 +86,11 @@ impl Default for ConvertOptions<'_> {
             progress: None,
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
             cancel: None,
+            checksum: false,
+            journal: None,
+            restart: false,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
         }
     }
 }
@@ -77,6 +106,9 @@ impl std::fmt::Debug for ConvertOptions<'_> {
             .field("item_size", &self.item_size)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel.map(|c| c.load(Relaxed)))
+            .field("checksum", &self.checksum)
+            .field("journal", &self.journal)
+            .field("restart", &self.restart)
             .finish()
     }
 }
@@ -97,6 +129,12 @@ pub struct ConvertReport {
     pub threads: usize,
     /// The kind of target.
     pub target: TargetKind,
+    /// Bytes a resume journal recorded as already written, so not written again.
+    pub bytes_skipped: u64,
+    /// The blkhash of the content, when asked for (`checksum`).
+    pub checksum: Option<String>,
+    /// The journal recorded the conversion as complete: nothing was written.
+    pub already_complete: bool,
 }
 
 /// The number of threads `threads: None` means: every core this process may use.
@@ -109,6 +147,10 @@ pub fn default_threads() -> usize {
 /// A missing target is created sparse with the virtual size; an existing file or device is
 /// never truncated or resized and must be at least the virtual size; zero ranges are zeroed on
 /// existing targets unless `target_is_zero`. The target must not be one of the image's files.
+/// With `journal`, the conversion resumes where an interrupted one with the same source, target
+/// and options stopped (see `ConvertOptions::journal`); with `checksum`, the report carries the
+/// blkhash of the content, computed from what was written (skipped ranges are read from the
+/// source, without writing, so the digest always covers everything).
 pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions<'_>) -> Result<ConvertReport> {
     let target = target.as_ref();
     let started = Instant::now();
@@ -116,7 +158,13 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
     // A disk that can only be read front to back (a gzip-compressed OVA member) takes the
     // sequential path; it refuses here, before the target is touched, if it cannot.
     let sequential = image.sequential().transpose()?;
+    if sequential.is_some() && (options.checksum || options.journal.is_some()) {
+        return Err(Error::unsupported(
+            "this disk can only be read front to back (a gzip-compressed OVA member): --checksum and --journal need random access; extract the OVA and convert the disk inside",
+        ));
+    }
     let size = image.virtual_size();
+    let plan = options.journal.map(|j| resume::Plan::load(image, target, j, options.restart)).transpose()?;
     let sources: Vec<(u64, u64)> = image.file_ids().collect();
     let sink = sink::open_target(
         target,
@@ -129,26 +177,75 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
             direct: options.direct_io,
         },
     )?;
-    let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);
-    let counters = engine::Counters::default();
-    let reporting =
-        engine::Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
-    match sequential {
-        Some(stream) => {
-            let limits = (image.max_unit_bytes(), image.max_metadata_bytes());
-            stream::execute(stream, size, &sink, threads, &counters, &reporting, limits)?
+    let flush = || sink.sync_data();
+    let journal = match plan {
+        Some(plan) => {
+            let identity =
+                sink.identity().map_err(|e| Error::io(format!("cannot stat target {}", target.display()), e))?;
+            Some(plan.bind(
+                image,
+                target,
+                identity,
+                options.target_is_zero,
+                &flush,
+                resume::Checkpoints { interval: options.checkpoint_interval, bytes: options.checkpoint_bytes },
+            )?)
         }
-        None => engine::execute(image, &sink, threads, options.item_size, &counters, &reporting)?,
-    }
-    sink.finish().map_err(|e| Error::io(format!("flushing {}", target.display()), e))?;
-    Ok(ConvertReport {
+        None => None,
+    };
+    let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);
+    let report = |counters: &engine::Counters, checksum, already_complete| ConvertReport {
         virtual_size: size,
         bytes_written: counters.written.load(Relaxed),
         bytes_zeroed: counters.zeroed.load(Relaxed),
         seconds: started.elapsed().as_secs_f64(),
         threads,
         target: sink.kind(),
-    })
+        bytes_skipped: counters.skipped.load(Relaxed),
+        checksum,
+        already_complete,
+    };
+    let counters = engine::Counters::default();
+    let already_complete = journal.as_ref().and_then(|j| j.complete()).cloned();
+    if let Some(complete) = &already_complete {
+        if !options.checksum || complete.checksum.is_some() {
+            counters.skipped.store(size, Relaxed);
+            if let Some(progress) = options.progress {
+                progress(size, size);
+            }
+            let checksum = if options.checksum { complete.checksum.clone() } else { None };
+            return Ok(report(&counters, checksum, true));
+        }
+    }
+    let hasher = options.checksum.then(|| StreamHasher::new(size));
+    let observers: Vec<&dyn Observer> =
+        [journal.as_ref().map(|j| j as &dyn Observer), hasher.as_ref().map(|h| h as &dyn Observer)]
+            .into_iter()
+            .flatten()
+            .collect();
+    let reporting =
+        engine::Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
+    let copied = match sequential {
+        Some(stream) => {
+            let limits = (image.max_unit_bytes(), image.max_metadata_bytes());
+            stream::execute(stream, size, &sink, threads, &counters, &reporting, limits)
+        }
+        None => engine::execute(image, &sink, threads, options.item_size, &counters, &reporting, &observers),
+    }
+    .and_then(|()| sink.finish().map_err(|e| Error::io(format!("flushing {}", target.display()), e)));
+    if let Err(e) = copied {
+        if let Some(journal) = &journal {
+            // Keep what was done: the next run resumes from here. A failure to record it only
+            // means more work next time.
+            let _ = journal.checkpoint();
+        }
+        return Err(e);
+    }
+    let checksum = hasher.map(StreamHasher::finish).transpose()?;
+    if let Some(journal) = &journal {
+        journal.finish(checksum.clone())?;
+    }
+    Ok(report(&counters, checksum, already_complete.is_some()))
 }
 
 /// Most copy threads: beyond this, storage, not CPU, is the limit on any machine vdisk targets.

@@ -46,6 +46,21 @@ impl TargetKind {
     }
 }
 
+/// What identifies an open target (see [`Sink::identity`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TargetIdentity {
+    /// Device of the file system holding the file (or the device node).
+    pub(crate) dev: u64,
+    /// Inode of the file (or the device node).
+    pub(crate) ino: u64,
+    /// For a block device, its device number; 0 otherwise.
+    pub(crate) rdev: u64,
+    /// Size in bytes.
+    pub(crate) size: u64,
+    /// The kind of target.
+    pub(crate) kind: TargetKind,
+}
+
 /// How the caller asked for the target to be treated.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct TargetRequest {
@@ -238,6 +253,23 @@ impl Sink {
             _ => {}
         }
         write_zeros(file, offset, len)
+    }
+
+    /// Make everything written so far durable (`fdatasync`), whatever the kind of target: a
+    /// resume journal records work only after this returns.
+    pub(crate) fn sync_data(&self) -> io::Result<()> {
+        match &self.file {
+            Some(f) => f.sync_data(),
+            None => Ok(()),
+        }
+    }
+
+    /// What identifies the target, for a resume journal: `None` for `/dev/null`.
+    pub(crate) fn identity(&self) -> io::Result<Option<TargetIdentity>> {
+        let Some(file) = &self.file else { return Ok(None) };
+        let meta = file.metadata()?;
+        let size = if self.kind == TargetKind::BlockDevice { block_device_size(file)? } else { meta.len() };
+        Ok(Some(TargetIdentity { dev: meta.dev(), ino: meta.ino(), rdev: meta.rdev(), size, kind: self.kind }))
     }
 
     /// Flush what was written: devices are synced (the volume is detached next); files are left
