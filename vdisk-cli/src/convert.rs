@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::{Args as ClapArgs, ValueEnum};
 use vdisk_core::{convert, ConvertOptions, Image};
 
-use crate::common::OpenArgs;
+use crate::common::{OpenArgs, OutputArg};
 use crate::progress::ProgressPrinter;
 
 /// Target cache modes (qemu-img's `-t`): `writeback` goes through the page cache; `none` uses
@@ -53,6 +53,23 @@ pub struct Args {
     /// Bytes per work item (tuning; default 4 MiB, at least 4 KiB).
     #[arg(long, value_name = "BYTES", hide_short_help = true)]
     item_size: Option<u64>,
+    /// Print the blkhash of what was written (computed while writing; `vdisk checksum` of the
+    /// target gives the same).
+    #[arg(long)]
+    checksum: bool,
+    /// Resume journal: a rerun of the same command skips what it records as written. Never on
+    /// the target.
+    #[arg(long, value_name = "PATH")]
+    journal: Option<PathBuf>,
+    /// Discard an existing journal and convert everything again.
+    #[arg(long, requires = "journal")]
+    restart: bool,
+    /// Report format: human (default) or json (one object on stdout at the end).
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputArg,
+    /// Most bytes of work between journal checkpoints (tuning; default 1 GiB).
+    #[arg(long, value_name = "BYTES", hide = true)]
+    checkpoint_bytes: Option<u64>,
     /// Source image.
     src: PathBuf,
     /// Target file or block device.
@@ -60,14 +77,14 @@ pub struct Args {
 }
 
 /// Set by the SIGINT handler; the copy stops between work items.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_sigint(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
 /// Route the first SIGINT to [`INTERRUPTED`]; a second one kills the process as usual.
-fn install_sigint_handler() {
+pub(crate) fn install_sigint_handler() {
     // SAFETY: sigaction with a zeroed struct plus a handler that only stores to an atomic, which
     // is async-signal-safe; SA_RESETHAND restores the default action after the first signal.
     unsafe {
@@ -97,18 +114,63 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
         item_size: args.item_size.unwrap_or(vdisk_core::DEFAULT_ITEM_SIZE),
         progress: Some(&callback),
         cancel: Some(&INTERRUPTED),
+        checksum: args.checksum,
+        journal: args.journal.as_deref(),
+        restart: args.restart,
+        checkpoint_bytes: args.checkpoint_bytes.unwrap_or(vdisk_core::DEFAULT_CHECKPOINT_BYTES),
         ..ConvertOptions::default()
     };
     let result = convert(&image, &args.dst, &options);
     if let Some(p) = &printer {
         p.finish();
     }
-    result.map_err(|e| match e.kind() {
+    let report = result.map_err(|e| match e.kind() {
         vdisk_core::ErrorKind::Cancelled => vdisk_core::Error::new(
             vdisk_core::ErrorKind::Cancelled,
-            format!("interrupted; {} is left as written so far", args.dst.display()),
+            match &args.journal {
+                Some(j) => format!(
+                    "interrupted; {} is left as written so far, and journal {} records it: rerun to resume",
+                    args.dst.display(),
+                    j.display()
+                ),
+                None => format!("interrupted; {} is left as written so far", args.dst.display()),
+            },
         ),
         _ => e,
     })?;
+    if let Some(journal) = &args.journal {
+        if report.already_complete {
+            eprintln!("vdisk: journal {} records this conversion as complete; nothing to do", journal.display());
+        } else if report.bytes_skipped > 0 {
+            eprintln!(
+                "vdisk: resumed with journal {}: {} bytes were already written",
+                journal.display(),
+                report.bytes_skipped
+            );
+        }
+    }
+    match args.output {
+        OutputArg::Human => {
+            if let Some(sum) = &report.checksum {
+                println!("{sum}  {}", args.dst.display());
+            }
+        }
+        OutputArg::Json => {
+            let mut out = serde_json::json!({
+                "virtual-size": report.virtual_size,
+                "bytes-written": report.bytes_written,
+                "bytes-zeroed": report.bytes_zeroed,
+                "bytes-skipped": report.bytes_skipped,
+                "seconds": report.seconds,
+                "threads": report.threads,
+                "target": report.target.as_str(),
+                "already-complete": report.already_complete,
+            });
+            if let (Some(sum), Some(map)) = (&report.checksum, out.as_object_mut()) {
+                map.insert("checksum".into(), sum.as_str().into());
+            }
+            println!("{out}");
+        }
+    }
     Ok(0)
 }

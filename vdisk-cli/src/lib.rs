@@ -4,13 +4,16 @@
 //! package's `vdisk` command (`pip install vdisk` puts it on `PATH`) run the same code: [`run`].
 //!
 //! A thin command: parse arguments, call one vdisk-core function, render the result, map errors
-//! to exit codes (0 success, 1 error, 2 usage; `check` also 2 corrupt and 3 leaks; 130 when
-//! interrupted). Every error is one line on stderr beginning `vdisk: `.
+//! to exit codes (0 success, 1 error, 2 usage; `check` also 2 corrupt and 3 leaks; `compare`
+//! qemu-img's 0 identical, 1 different, 2 open, 3 map and 4 read errors; 130 when interrupted).
+//! Every error is one line on stderr beginning `vdisk: `.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 mod check;
+mod checksum;
 mod common;
+mod compare;
 mod convert;
 mod info;
 mod map;
@@ -54,6 +57,10 @@ enum Command {
     Convert(convert::Args),
     /// Check an image's metadata for corruptions and leaks (qemu-img check compatible).
     Check(check::Args),
+    /// Print a digest of each image's guest content, the same for every format (blkhash).
+    Checksum(checksum::Args),
+    /// Compare the guest content of two images (qemu-img compare compatible).
+    Compare(compare::Args),
 }
 
 /// Run `vdisk` with `args` (the program name first) and return its exit status. The binary and
@@ -98,6 +105,8 @@ where
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Check(a) => check::run(a),
+        Command::Checksum(a) => checksum::run(a),
+        Command::Compare(a) => compare::run(a),
     };
     match result {
         Ok(code) => code,
