@@ -39,14 +39,31 @@ pub(crate) struct ConvertReport {
     /// What the target was: ``"new-file"``, ``"existing-file"``, ``"block-device"`` or ``"null"``.
     #[pyo3(get)]
     target: &'static str,
+    /// Bytes the journal recorded as already written by an interrupted run, not written again.
+    #[pyo3(get)]
+    bytes_skipped: u64,
+    /// With ``checksum=True``, the blkhash of the content written (what :func:`vdisk.checksum`
+    /// gives for the target's first ``virtual_size`` bytes); otherwise ``None``.
+    #[pyo3(get)]
+    checksum: Option<String>,
+    /// The journal recorded this conversion as complete, so nothing was written.
+    #[pyo3(get)]
+    already_complete: bool,
 }
 
 #[pymethods]
 impl ConvertReport {
     fn __repr__(&self) -> String {
         format!(
-            "ConvertReport(virtual_size={}, bytes_written={}, bytes_zeroed={}, seconds={:.3}, threads={}, target='{}')",
-            self.virtual_size, self.bytes_written, self.bytes_zeroed, self.seconds, self.threads, self.target
+            "ConvertReport(virtual_size={}, bytes_written={}, bytes_zeroed={}, bytes_skipped={}, seconds={:.3}, threads={}, target='{}', checksum={})",
+            self.virtual_size,
+            self.bytes_written,
+            self.bytes_zeroed,
+            self.bytes_skipped,
+            self.seconds,
+            self.threads,
+            self.target,
+            self.checksum.as_ref().map_or("None".to_string(), |c| format!("'{c}'"))
         )
     }
 }
@@ -61,6 +78,13 @@ impl ConvertReport {
 /// for :func:`vdisk.open` (an OVA of several disks needs ``disk``); ``threads`` defaults to every
 /// core.
 ///
+/// ``checksum=True`` computes the blkhash of the content while writing it (``report.checksum``).
+/// ``journal`` names a resume journal (never on the target): a call with the same source, target
+/// and options after an interrupted one skips what the journal records as durably written
+/// (``report.bytes_skipped``), and a call after a finished one does nothing
+/// (``report.already_complete``). A journal that does not match raises :class:`JournalError`
+/// saying what changed; ``restart=True`` discards it.
+///
 /// ``progress(done, total)`` is called with bytes of the virtual disk done about every 100 ms on the
 /// calling thread, and once with ``done == total`` at the end. An exception it raises stops the copy
 /// and is re-raised; Ctrl-C (``KeyboardInterrupt``) stops it within a second. A stopped copy leaves
@@ -68,7 +92,7 @@ impl ConvertReport {
 #[pyfunction]
 #[pyo3(signature = (
     src, dst, *, format=None, references="deny", threads=None, target_is_zero=false, progress=None,
-    must_exist=false, require_device=false, limits=None, disk=None
+    must_exist=false, require_device=false, limits=None, disk=None, checksum=false, journal=None, restart=false
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn convert(
@@ -84,7 +108,13 @@ pub(crate) fn convert(
     require_device: bool,
     limits: Option<&Limits>,
     disk: Option<i64>,
+    checksum: bool,
+    journal: Option<PathBuf>,
+    restart: bool,
 ) -> PyResult<ConvertReport> {
+    if restart && journal.is_none() {
+        return Err(PyValueError::new_err("restart=True needs a journal"));
+    }
     let options = open_options(format, references, limits, disk)?;
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));
@@ -121,6 +151,9 @@ pub(crate) fn convert(
         require_device,
         progress: Some(&on_progress),
         cancel: Some(&cancel),
+        checksum,
+        journal: journal.as_deref(),
+        restart,
         ..ConvertOptions::default()
     };
     let result = py.allow_threads(|| vdisk_core::convert(&image, &dst, &convert_options));
@@ -137,6 +170,9 @@ pub(crate) fn convert(
             seconds: report.seconds,
             threads: report.threads,
             target: report.target.as_str(),
+            bytes_skipped: report.bytes_skipped,
+            checksum: report.checksum,
+            already_complete: report.already_complete,
         }),
         Err(e) => Err(errors::to_py(py, e)),
     }

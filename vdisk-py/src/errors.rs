@@ -47,6 +47,13 @@ create_exception!(
     "The conversion target cannot be used: too small, not a block device when one is required, or the source itself."
 );
 
+create_exception!(
+    vdisk,
+    JournalError,
+    VdiskError,
+    "A resume journal does not match the conversion (the message says what changed) or is damaged; pass restart=True to discard it."
+);
+
 /// The Python exception for a vdisk error.
 pub(crate) fn to_py(py: Python<'_>, err: Error) -> PyErr {
     let message = err.to_string();
@@ -56,6 +63,7 @@ pub(crate) fn to_py(py: Python<'_>, err: Error) -> PyErr {
         ErrorKind::ReferenceDenied => ReferenceDeniedError::new_err(message),
         ErrorKind::LimitExceeded => LimitExceededError::new_err(message),
         ErrorKind::Target => TargetError::new_err(message),
+        ErrorKind::Journal => JournalError::new_err(message),
         ErrorKind::Io => os_error(py, &err, message),
         _ => VdiskError::new_err(message),
     }
@@ -95,5 +103,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ReferenceDeniedError", py.get_type::<ReferenceDeniedError>())?;
     m.add("LimitExceededError", py.get_type::<LimitExceededError>())?;
     m.add("TargetError", py.get_type::<TargetError>())?;
+    m.add("JournalError", py.get_type::<JournalError>())?;
     Ok(())
 }

@@ -9,6 +9,7 @@ mod convert;
 mod errors;
 mod image;
 mod options;
+mod verify;
 
 use pyo3::prelude::*;
 
@@ -42,6 +43,10 @@ fn _vdisk(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<image::ExtentIterator>()?;
     m.add_class::<options::Limits>()?;
     m.add_class::<convert::ConvertReport>()?;
+    m.add_function(wrap_pyfunction!(verify::checksum, m)?)?;
+    m.add_function(wrap_pyfunction!(verify::compare, m)?)?;
+    m.add_class::<verify::Checksum>()?;
+    m.add_class::<verify::Comparison>()?;
     errors::register(m)?;
     Ok(())
 }

@@ -6,18 +6,22 @@ A drop-in for ``qemu-img info`` and ``qemu-img convert -O raw`` in Python, witho
 
     with vdisk.open("upload.img") as img:  # format detected from the content
         print(img.format, img.virtual_size)
-    report = vdisk.convert("upload.img", "/dev/vdb", progress=lambda done, total: ...)
+    report = vdisk.convert("upload.img", "/dev/vdb", checksum=True, journal="/var/tmp/upload.journal")
+    assert vdisk.checksum("/dev/vdb", size=report.virtual_size).digest == report.checksum
 
 Long calls release the GIL; ``progress`` runs on the calling thread; Ctrl-C cancels a
 conversion. Errors are :class:`VdiskError` subclasses, or ``OSError`` subclasses for I/O.
 """
 
 from ._vdisk import (
+    Checksum,
+    Comparison,
     ConvertReport,
     Extent,
     ExtentIterator,
     Image,
     InvalidImageError,
+    JournalError,
     LimitExceededError,
     Limits,
     ReferenceDeniedError,
@@ -25,16 +29,21 @@ from ._vdisk import (
     UnsupportedFeatureError,
     VdiskError,
     __version__,
+    checksum,
+    compare,
     convert,
     open,
 )
 
 __all__ = [
+    "Checksum",
+    "Comparison",
     "ConvertReport",
     "Extent",
     "ExtentIterator",
     "Image",
     "InvalidImageError",
+    "JournalError",
     "LimitExceededError",
     "Limits",
     "ReferenceDeniedError",
@@ -42,6 +51,8 @@ __all__ = [
     "UnsupportedFeatureError",
     "VdiskError",
     "__version__",
+    "checksum",
+    "compare",
     "convert",
     "open",
 ]

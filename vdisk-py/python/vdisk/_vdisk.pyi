@@ -14,17 +14,22 @@ def cli_main(argv: list[str]) -> int:
 __all__ = [
     "__version__",
     "cli_main",
+    "Checksum",
+    "Comparison",
     "ConvertReport",
     "Extent",
     "ExtentIterator",
     "Image",
     "InvalidImageError",
+    "JournalError",
     "LimitExceededError",
     "Limits",
     "ReferenceDeniedError",
     "TargetError",
     "UnsupportedFeatureError",
     "VdiskError",
+    "checksum",
+    "compare",
     "convert",
     "open",
 ]
@@ -50,6 +55,9 @@ class LimitExceededError(VdiskError):
 
 class TargetError(VdiskError):
     """The conversion target cannot be used: too small, not a block device, or the source itself."""
+
+class JournalError(VdiskError):
+    """A resume journal does not match the conversion or is damaged; ``restart=True`` discards it."""
 
 @final
 class Limits:
@@ -181,6 +189,64 @@ class ConvertReport:
     @property
     def target(self) -> Literal["new-file", "existing-file", "block-device", "null"]:
         """What the target was."""
+    @property
+    def bytes_skipped(self) -> int:
+        """Bytes a resume journal recorded as already written, not written again."""
+    @property
+    def checksum(self) -> str | None:
+        """With ``checksum=True``, the blkhash of the content written; otherwise ``None``."""
+    @property
+    def already_complete(self) -> bool:
+        """The journal recorded the conversion as complete: nothing was written."""
+
+@final
+class Checksum:
+    """A digest of an image's guest content, from :func:`checksum`."""
+
+    @property
+    def algorithm(self) -> Literal["blkhash", "sha256"]:
+        """``"blkhash"`` (SHA-256 over 64 KiB blocks, as blksum computes it) or ``"sha256"``."""
+    @property
+    def block_size(self) -> int | None:
+        """The blkhash block size (65536), or ``None`` for plain SHA-256."""
+    @property
+    def virtual_size(self) -> int:
+        """Bytes of guest content hashed."""
+    @property
+    def digest(self) -> str:
+        """The digest in lowercase hex."""
+    def __eq__(self, value: object, /) -> bool: ...
+
+@final
+class Comparison:
+    """The result of :func:`compare`."""
+
+    @property
+    def identical(self) -> bool:
+        """True when the images hold the same guest content."""
+    @property
+    def difference(self) -> Literal["content", "size", "allocation"] | None:
+        """How they differ, or ``None`` when identical."""
+    @property
+    def offset(self) -> int | None:
+        """The exact offset of the first difference (content or allocation), or ``None``."""
+    @property
+    def size_a(self) -> int:
+        """Virtual size of the first image."""
+    @property
+    def size_b(self) -> int:
+        """Virtual size of the second image."""
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from both images together."""
+    @property
+    def seconds(self) -> float:
+        """Wall-clock seconds."""
+    @property
+    def messages(self) -> list[str]:
+        """What ``qemu-img compare`` prints for this result, one line per item."""
+    def __bool__(self) -> bool:
+        """True when identical."""
 
 def open(
     path: _Path,
@@ -205,5 +271,38 @@ def convert(
     require_device: bool = False,
     limits: Limits | None = None,
     disk: int | None = None,
+    checksum: bool = False,
+    journal: _Path | None = None,
+    restart: bool = False,
 ) -> ConvertReport:
     """Convert the image at ``src`` to its raw guest content at ``dst``."""
+
+def checksum(
+    path: _Path,
+    *,
+    format: _Format | None = None,
+    algorithm: Literal["blkhash", "sha256"] = "blkhash",
+    size: int | None = None,
+    references: _References = "deny",
+    threads: int | None = None,
+    limits: Limits | None = None,
+    progress: Callable[[int, int], object] | None = None,
+    disk: int | None = None,
+) -> Checksum:
+    """The digest of the guest content of the image at ``path``, independent of its format."""
+
+def compare(
+    a: _Path,
+    b: _Path,
+    *,
+    format_a: _Format | None = None,
+    format_b: _Format | None = None,
+    strict: bool = False,
+    references: _References = "deny",
+    threads: int | None = None,
+    limits: Limits | None = None,
+    progress: Callable[[int, int], object] | None = None,
+    disk_a: int | None = None,
+    disk_b: int | None = None,
+) -> Comparison:
+    """Compare the guest content of two images (qemu-img compare's semantics)."""
