@@ -7,9 +7,16 @@ The image steps of the reference pipeline, as an Airflow 3 TaskFlow DAG:
    disks to import, one per target volume: one for a disk image, one per disk of an OVA.
 2. ``volume_size``    the volume to provision for each disk: its virtual size rounded up to GiB;
 3. ``convert``        write each disk's guest content onto its device, with progress in the task
-   log (was ``qemu-img convert -f FMT -O host_device``);
-4. ``verify``         compare a SHA-256 of each device's first ``virtual_size`` bytes with the disk's
-   content, and run ``e2fsck -fn`` when it holds an ext4 file system (was ``fsck -n``).
+   log, computing the content's blkhash as it writes (was ``qemu-img convert -f FMT -O
+   host_device``); a resume journal on the worker lets an Airflow retry continue where a killed
+   attempt stopped instead of starting over;
+4. ``verify``         compare ``vdisk.checksum`` of each device's first ``virtual_size`` bytes with
+   the checksum ``convert`` computed, and run ``e2fsck -fn`` when it holds an ext4 file system
+   (was ``fsck -n``).
+
+Failures that a retry cannot fix (an invalid or unsupported image, a reference the policy denies,
+a device too small, content that does not verify) raise ``AirflowFailException``, so the task
+fails at once instead of using up its retries; I/O errors and kills are retried.
 
 Steps 2 to 4 are mapped over the disk list (dynamic task mapping, ``.expand()``): an OVA of
 several disks fans out into one task per disk at each step, so the disks convert in parallel on
@@ -27,23 +34,23 @@ OVA) or the ``devices`` list (an OVA's disks, in order). Trigger with, for examp
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import time
+from datetime import timedelta
 from typing import Any
 
 import vdisk
 from airflow.sdk import Param, dag, task
+from airflow.sdk.exceptions import AirflowFailException
 
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
-#: Bytes read at a time while verifying: large enough for sequential speed, small for memory.
-VERIFY_CHUNK = 8 << 20
 #: A progress line at least this often (seconds) while a conversion runs...
 PROGRESS_EVERY_SECONDS = 10.0
 #: ...and whenever this many more percent are done.
@@ -106,10 +113,35 @@ def _device_size(path: str) -> int:
         return f.seek(0, os.SEEK_END)
 
 
+#: vdisk's errors that a retry cannot fix: the image, its references, or the target is wrong.
+DETERMINISTIC_ERRORS = (
+    vdisk.InvalidImageError,
+    vdisk.UnsupportedFeatureError,
+    vdisk.ReferenceDeniedError,
+    vdisk.LimitExceededError,
+    vdisk.TargetError,
+)
+
+
+def _journal_path(params: dict[str, Any], context: dict[str, Any]) -> str:
+    """Where a convert task keeps its resume journal: on the worker, never on the device, one per
+    DAG run, task and mapped disk, so every retry of that conversion finds it."""
+    ti = context["ti"]
+    if params.get("journal"):
+        journal = str(params["journal"])
+        return journal if ti.map_index in (-1, 0) else f"{journal}.{ti.map_index}"
+    directory = params["journal_dir"]
+    os.makedirs(directory, exist_ok=True)
+    name = f"{ti.dag_id}.{context['run_id']}.{ti.task_id}.{ti.map_index}.journal"
+    return os.path.join(directory, re.sub(r"[^A-Za-z0-9._+-]", "_", name))
+
+
 @dag(
     dag_id="vdisk_image_import",
     schedule=None,
     catchup=False,
+    # Retries resume the conversion from its journal; deterministic failures skip them.
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
     tags=["vdisk", "image-import"],
     doc_md=__doc__,
     params={
@@ -138,7 +170,15 @@ def _device_size(path: str) -> int:
         "require_block_device": Param(True, type="boolean", description="Refuse a target that is not a device."),
         "target_is_zero": Param(False, type="boolean", description="The volume is new and reads as zeros."),
         "min_volume_gb": Param(1, type="integer", minimum=1, description="Smallest volume to provision."),
-        "verify": Param(True, type="boolean", description="Hash-compare the device with the image, fsck ext4."),
+        "verify": Param(True, type="boolean", description="Compare the device's checksum with the image's, fsck ext4."),
+        "journal_dir": Param(
+            "/var/tmp/vdisk-journals",
+            type="string",
+            description="Directory on the worker for resume journals (one per run, task and disk).",
+        ),
+        "journal": Param(
+            None, type=["null", "string"], description="An explicit resume journal path (default: in journal_dir)."
+        ),
     },
 )
 def vdisk_image_import() -> None:
@@ -149,9 +189,12 @@ def vdisk_image_import() -> None:
         """Detect the format, read the virtual size and list the disks (``qemu-img info``'s job)."""
         params = context["params"]
         image = params["image"]
-        with vdisk.open(image, format=params["format"], references=params["references"]) as img:
-            info = img.info()
-            fmt = img.format
+        try:
+            with vdisk.open(image, format=params["format"], references=params["references"]) as img:
+                info = img.info()
+                fmt = img.format
+        except DETERMINISTIC_ERRORS as e:
+            raise AirflowFailException(f"{type(e).__name__}: {e}") from e
         base = {"image": image, "format": fmt, "references": params["references"]}
         if fmt != "ova":
             log.info("image %s: format %s, virtual size %d bytes", image, fmt, info["virtual-size"])
@@ -163,11 +206,13 @@ def vdisk_image_import() -> None:
         devices = list(params["devices"]) or ([params["device"]] if len(listed) == 1 else [])
         log.info("image %s: format ova, %d disk%s", image, len(listed), "" if len(listed) == 1 else "s")
         if len(devices) != len(listed):
-            raise ValueError(f"{image} holds {len(listed)} disks but {len(devices)} devices were given (param devices)")
+            raise AirflowFailException(
+                f"{image} holds {len(listed)} disks but {len(devices)} devices were given (param devices)"
+            )
         disks = []
         for d, device in zip(listed, devices):
             if d.get("error"):
-                raise ValueError(f"{image}: disk {d['index']} ({d['file']}) cannot be read: {d['error']}")
+                raise AirflowFailException(f"{image}: disk {d['index']} ({d['file']}) cannot be read: {d['error']}")
             log.info(
                 "disk %d: %s, format %s, virtual size %d bytes -> %s",
                 d["index"],
@@ -190,80 +235,95 @@ def vdisk_image_import() -> None:
 
     @task
     def convert(disk: dict[str, Any], **context: Any) -> dict[str, Any]:
-        """Write the disk's guest content onto its device, with progress in the task log."""
+        """Write the disk's guest content onto its device, with progress in the task log; resumable."""
         params = context["params"]
         device = disk["device"]
         size = _device_size(device)
         if size < disk["virtual_size"]:
-            raise ValueError(f"{device} has {size} bytes, fewer than the disk's {disk['virtual_size']}")
+            raise AirflowFailException(f"{device} has {size} bytes, fewer than the disk's {disk['virtual_size']}")
         if size < disk["volume_gb"] * GIB:
             log.warning("%s has %d bytes, less than the %d GiB volume computed", device, size, disk["volume_gb"])
-        log.info("converting %s onto %s", _label(disk), device)
+        journal = _journal_path(params, context)
+        log.info("converting %s onto %s, journal %s", _label(disk), device, journal)
         progress = ProgressLog(log)
-        report = vdisk.convert(
-            disk["image"],
-            device,
-            format=disk["format"],
-            references=disk["references"],
-            disk=disk["disk"],
-            target_is_zero=params["target_is_zero"],
-            require_device=params["require_block_device"],
-            must_exist=True,
-            progress=progress,
-        )
+        options: dict[str, Any] = {
+            "format": disk["format"],
+            "references": disk["references"],
+            "disk": disk["disk"],
+            "target_is_zero": params["target_is_zero"],
+            "require_device": params["require_block_device"],
+            "must_exist": True,
+            "progress": progress,
+            "checksum": True,
+            "journal": journal,
+        }
+        try:
+            try:
+                report = vdisk.convert(disk["image"], device, **options)
+            except vdisk.JournalError as e:
+                # The journal is for another source, target or options (a re-upload, a new
+                # volume): start over. An earlier attempt may have written to this device, so it
+                # no longer reads as zero whatever target_is_zero said.
+                log.warning("%s; converting from the start with zeroing", e)
+                report = vdisk.convert(disk["image"], device, **{**options, "restart": True, "target_is_zero": False})
+        except DETERMINISTIC_ERRORS as e:
+            raise AirflowFailException(f"{type(e).__name__}: {e}") from e
+        if report.already_complete:
+            log.info("the journal records this conversion as complete: nothing written")
+        elif report.bytes_skipped:
+            log.info("resumed: %d bytes were already written by an earlier attempt", report.bytes_skipped)
         log.info(
-            "converted %d bytes in %.2f s (%d written, %d zeroed, %d threads)",
+            "converted %d bytes in %.2f s (%d written, %d zeroed, %d skipped, %d threads), blkhash %s",
             report.virtual_size,
             report.seconds,
             report.bytes_written,
             report.bytes_zeroed,
+            report.bytes_skipped,
             report.threads,
+            report.checksum,
         )
         return disk | {
             "bytes_written": report.bytes_written,
             "bytes_zeroed": report.bytes_zeroed,
+            "bytes_skipped": report.bytes_skipped,
             "seconds": report.seconds,
+            "checksum": report.checksum,
             "progress_lines": progress.lines,
         }
 
     @task
     def verify(disk: dict[str, Any], **context: Any) -> dict[str, Any]:
-        """Compare the device with the disk and fsck an ext4 file system (``fsck -n``'s job)."""
+        """Check the device holds the disk's content and fsck an ext4 file system (``fsck -n``'s job).
+
+        ``convert`` computed the blkhash of what it wrote; one parallel read of the device's first
+        ``virtual_size`` bytes (zero blocks not hashed) must give the same value.
+        """
         params = context["params"]
         device = disk["device"]
         if not params["verify"]:
             log.info("verification skipped")
             return {"verified": False}
         size = disk["virtual_size"]
-        want = hashlib.sha256()
-        got = hashlib.sha256()
-        opened = vdisk.open(disk["image"], format=disk["format"], references=disk["references"], disk=disk["disk"])
-        with opened as img, open(device, "rb") as dev:
-            pos = 0
-            while pos < size:
-                n = min(VERIFY_CHUNK, size - pos)
-                want.update(img.read(pos, n))
-                chunk = dev.read(n)
-                if len(chunk) != n:
-                    raise RuntimeError(f"{device}: short read at {pos}")
-                got.update(chunk)
-                pos += n
+        got = vdisk.checksum(device, format="raw", size=size)
+        if got.digest != disk["checksum"]:
+            raise AirflowFailException(
+                f"{device} does not hold the content of {_label(disk)}: blkhash {got.digest}, expected {disk['checksum']}"
+            )
+        log.info("device content verified: blkhash %s over %d bytes (%s on %s)", got.digest, size, _label(disk), device)
+        with open(device, "rb") as dev:
             dev.seek(EXT_MAGIC_OFFSET)
             ext = dev.read(len(EXT_MAGIC)) == EXT_MAGIC
-        if got.hexdigest() != want.hexdigest():
-            raise RuntimeError(f"{device} does not hold the content of {_label(disk)} (sha256 {got.hexdigest()})")
-        log.info("device content verified: sha256 %s over %d bytes (%s on %s)", want.hexdigest(), size, _label(disk), device)
         fsck = None
         if ext:
             e2fsck = shutil.which("e2fsck") or "/sbin/e2fsck"
             run = subprocess.run([e2fsck, "-fn", device], capture_output=True, text=True, check=False)
             log.info("e2fsck -fn %s: exit %d\n%s%s", device, run.returncode, run.stdout, run.stderr)
             if run.returncode != 0:
-                raise RuntimeError(f"e2fsck -fn {device} found problems (exit {run.returncode})")
+                raise AirflowFailException(f"e2fsck -fn {device} found problems (exit {run.returncode})")
             fsck = run.returncode
         else:
             log.info("no ext2/3/4 file system at the start of %s: fsck skipped", device)
-        return {"verified": True, "device": device, "sha256": want.hexdigest(), "e2fsck": fsck}
+        return {"verified": True, "device": device, "blkhash": got.digest, "e2fsck": fsck}
 
     disks = inspect_image()
     sized = volume_size.expand(disk=disks)

@@ -376,3 +376,28 @@ fn damaged_journals_are_refused() {
         assert!(err.contains("is damaged") || err.contains("is not a vdisk journal"), "{what}: {err}");
     }
 }
+
+/// Real images: `checksum -a sha256` of each corpus image up to 300 MB is the sha256 of its
+/// guest content listed in the corpus expectations.
+#[test]
+fn corpus_sha256_checksums() {
+    let Some(dir) = corpus_dir() else { return };
+    let rows = read_tsv(&repo_root().join("../shared/corpus/expected.tsv"));
+    let mut checked = 0;
+    for row in rows.iter().filter(|r| r["expect"] == "ok") {
+        let size: u64 = row["virtual_size"].parse().unwrap();
+        if size > 300_000_000 {
+            continue;
+        }
+        let image = dir.join(&row["name"]);
+        let out = run_limited(
+            vdisk().args(["checksum", "-a", "sha256"]).args(row["flags"].split_whitespace()).arg(&image),
+            LIMIT,
+        );
+        assert!(out.status.success(), "{}: {}", row["name"], stderr(&out));
+        let text = stdout(&out);
+        assert_eq!(text.split_whitespace().next(), Some(row["sha256"].as_str()), "{}", row["name"]);
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} corpus images checked");
+}

@@ -5,7 +5,10 @@ requirement and the Python version), with the freshly built vdisk wheel. The tes
 `airflow db migrate`, then the DAG with `dag.test(run_conf=...)`: an image that holds an ext4 file
 system onto a loop device filled with garbage, and an OVA of two such disks onto two loop devices,
 its disks fanned out by dynamic task mapping; they check the run's success, every mapped task
-instance, each device's content, and the progress lines in the log.
+instance, each device's content, the progress lines in the log and the checksum verification.
+Two more runs check that a retry finds the conversion's journal (here: an attempt that finished
+writing but died before reporting, so the task writes nothing and still verifies), and that an
+invalid image fails its task at once (AirflowFailException) instead of being retried.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from conftest import GiB, MiB, REPO, need, pattern, qemu_img
+from conftest import GiB, MiB, REPO, need, pattern, qemu_img, vdisk_bin
 
 AIRFLOW_REQUIREMENT = "apache-airflow>=3,<4"
 DAGS = REPO / "examples" / "airflow"
@@ -39,8 +42,10 @@ sys.path.insert(0, sys.argv[1])
 import vdisk_image_import as module
 
 run = module.image_import_dag.test(run_conf=json.loads(sys.argv[2]))
-tasks = sorted([ti.task_id, ti.map_index, str(ti.state)] for ti in run.get_task_instances())
-print("DAG-RESULT " + json.dumps({"state": str(run.state), "tasks": tasks}), flush=True)
+tis = run.get_task_instances()
+tasks = sorted([ti.task_id, ti.map_index, str(ti.state)] for ti in tis)
+tries = sorted([ti.task_id, ti.map_index, ti.try_number] for ti in tis)
+print("DAG-RESULT " + json.dumps({"state": str(run.state), "tasks": tasks, "tries": tries}), flush=True)
 """
 
 #: The DAG's tasks; every one but inspect_image is mapped over the disks.
@@ -144,7 +149,7 @@ def test_dag_converts_onto_a_loop_device(fmt: str, airflow: dict[str, Any], tmp_
         dev.write(b"\xa5" * IMAGE_SIZE)
         dev.write(MARKER)
 
-    conf = {"image": str(image), "device": device, "min_volume_gb": 1}
+    conf = {"image": str(image), "device": device, "min_volume_gb": 1, "journal_dir": str(tmp_path / "journals")}
     result, out = run_dag(airflow, conf)
     assert result["state"] == "success", out[-6000:]
     assert result["tasks"] == expected_tasks(1), result
@@ -161,8 +166,46 @@ def test_dag_converts_onto_a_loop_device(fmt: str, airflow: dict[str, Any], tmp_
     # The other steps reported what they found.
     assert f"format {fmt}, virtual size {IMAGE_SIZE} bytes" in out
     assert "volume size: 1 GiB" in out
-    assert "device content verified" in out
+    assert "device content verified: blkhash" in out
     assert f"e2fsck -fn {device}: exit 0" in out
+    # The journal stayed on the worker, one per run and task.
+    journals = [p.name for p in (tmp_path / "journals").iterdir()]
+    assert len(journals) == 1 and journals[0].startswith("vdisk_image_import."), journals
+
+
+def test_a_retry_finds_the_journal(airflow: dict[str, Any], tmp_path: Path, loop_device: Any) -> None:
+    """An attempt that wrote everything but died before reporting: the retry writes nothing,
+    still returns the content's checksum (hashed from the image), and verify passes."""
+    image, guest = make_ext4_image(tmp_path, "qcow2")
+    try:
+        device = loop_device(GiB, name="volume.img")
+    except pytest.skip.Exception as skip:
+        print(f"SKIP: the Airflow DAG test needs a loop device: {skip}", file=sys.__stderr__, flush=True)
+        raise
+    with open(device, "r+b") as dev:
+        dev.write(b"\xa5" * IMAGE_SIZE)
+    journal = tmp_path / "retry.journal"
+    done = subprocess.run(
+        [vdisk_bin(), "convert", "-n", "--journal", str(journal), str(image), device], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    result, out = run_dag(airflow, {"image": str(image), "device": device, "journal": str(journal)})
+    assert result["state"] == "success", out[-6000:]
+    assert "the journal records this conversion as complete: nothing written" in out
+    assert "device content verified: blkhash" in out
+    with open(device, "rb") as dev:
+        assert dev.read(len(guest)) == guest
+
+
+def test_an_invalid_image_fails_without_retries(airflow: dict[str, Any], tmp_path: Path) -> None:
+    bad = tmp_path / "image.source"
+    bad.write_bytes(b"QFI\xfb" + b"\xff" * 508)  # qcow2 magic, impossible header
+    conf = {"image": str(bad), "device": str(tmp_path / "no-device"), "journal_dir": str(tmp_path)}
+    result, out = run_dag(airflow, conf)
+    assert result["state"] == "failed", out[-6000:]
+    assert ["inspect_image", -1, "failed"] in result["tasks"], result
+    assert ["inspect_image", -1, 1] in result["tries"], result
+    assert "InvalidImageError" in out
 
 
 #: Sizes of the two disks of the OVA (neither a multiple of 1 GiB nor equal).
@@ -219,7 +262,8 @@ def test_dag_fans_an_ova_out_disk_by_disk(airflow: dict[str, Any], tmp_path: Pat
             dev.write(b"\x5a" * len(guest))
             dev.write(MARKER)
 
-    result, out = run_dag(airflow, {"image": str(ova), "devices": devices, "min_volume_gb": 1})
+    conf = {"image": str(ova), "devices": devices, "min_volume_gb": 1, "journal_dir": str(tmp_path / "journals")}
+    result, out = run_dag(airflow, conf)
     assert result["state"] == "success", out[-6000:]
     assert result["tasks"] == expected_tasks(2), result
 
@@ -233,3 +277,6 @@ def test_dag_fans_an_ova_out_disk_by_disk(airflow: dict[str, Any], tmp_path: Pat
         assert f"disk {i}: vm-disk{i}.vmdk, format vmdk, virtual size {size} bytes -> {devices[i - 1]}" in out
         assert f"disk {i} (vmdk)" in out
     assert sum("(100.0%)" in line for line in out.splitlines() if "vdisk progress:" in line) >= 2
+    # One journal per mapped convert task, and each device verified by its checksum.
+    assert len(list((tmp_path / "journals").iterdir())) == 2
+    assert out.count("device content verified: blkhash") >= 2
