@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use super::blkhash::{hex, StreamHasher, BLKHASH_BLOCK_SIZE};
 use super::fold::{Fold, OrderedFold};
 use super::pool::{self, Reporting};
+use super::PageBuf;
 use crate::copy::{default_threads, Progress, DEFAULT_PROGRESS_INTERVAL, MAX_THREADS};
 use crate::decompress::ReadScratch;
 use crate::error::{Error, ErrorKind, Result};
@@ -339,15 +340,14 @@ fn blkhash(image: &Image, size: u64, threads: usize, done: &AtomicU64, reporting
     pool::run(
         threads,
         Units::new(image, size, MAX_ZERO_UNIT_BLKHASH),
-        || (Vec::new(), ReadScratch::default()),
-        |(buf, scratch): &mut (Vec<u8>, ReadScratch), unit: Unit| {
+        || (PageBuf::default(), ReadScratch::default()),
+        |(buf, scratch): &mut (PageBuf, ReadScratch), unit: Unit| {
             if unit.pieces.is_empty() {
                 hasher.add(unit.start, unit.len, None)?;
             } else {
                 let n = usize::try_from(unit.len).map_err(|_| Error::invalid("unit too large"))?;
-                buf.resize(n, 0);
-                read_unit(image, &unit, buf, scratch)?;
-                hasher.add(unit.start, unit.len, Some(buf))?;
+                read_unit(image, &unit, buf.resize(n), scratch)?;
+                hasher.add(unit.start, unit.len, Some(buf.get()))?;
             }
             done.fetch_add(unit.len, Relaxed);
             Ok(())

@@ -18,15 +18,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use super::pool::{self, Reporting};
+use super::PageBuf;
 use crate::copy::{default_threads, is_zero, Progress, DEFAULT_PROGRESS_INTERVAL, MAX_THREADS};
 use crate::decompress::ReadScratch;
 use crate::error::{Error, ErrorKind};
 use crate::extent::{Extent, ExtentKind};
 use crate::image::{Extents, Image};
 
-/// Bytes compared as one unit of work (per side): large reads, and threads x 2 x units a few
-/// tens of MiB at most.
-const UNIT_BYTES: u64 = 4 << 20;
+/// Bytes compared as one unit of work (per side): reads large enough that a call costs nothing,
+/// small enough that both sides' buffers stay in a core's cache for the comparison (4 MiB units
+/// measured 10-20 % more system and wall time here).
+const UNIT_BYTES: u64 = 1 << 20;
 
 /// Chunk compared with one `memcmp` before looking for the byte inside it.
 const SCAN_CHUNK: usize = 4096;
@@ -309,8 +311,8 @@ impl Iterator for Units<'_> {
 /// Per-thread buffers.
 #[derive(Default)]
 struct Buffers {
-    a: Vec<u8>,
-    b: Vec<u8>,
+    a: PageBuf,
+    b: PageBuf,
     scratch: ReadScratch,
 }
 
@@ -319,12 +321,12 @@ fn fill(
     image: &Image,
     unit: &Unit,
     pieces: &[Extent],
-    buf: &mut Vec<u8>,
+    buf: &mut PageBuf,
     scratch: &mut ReadScratch,
     name: &str,
 ) -> Result<u64, CompareError> {
     let n = usize::try_from(unit.len).map_err(|_| at(CompareStage::Read)(Error::invalid("unit too large")))?;
-    buf.resize(n, 0);
+    let buf = buf.resize(n);
     let mut read = 0;
     let mut covered = 0;
     for piece in pieces {
@@ -418,17 +420,17 @@ pub fn compare(
                         let ra = fill(a, &unit, &unit.a, &mut bufs.a, &mut bufs.scratch, names.0)?;
                         let rb = fill(b, &unit, &unit.b, &mut bufs.b, &mut bufs.scratch, names.1)?;
                         bytes_read.fetch_add(ra + rb, Relaxed);
-                        first_difference(&bufs.a, &bufs.b)
+                        first_difference(bufs.a.get(), bufs.b.get())
                     }
                     (false, true) => {
                         bytes_read
                             .fetch_add(fill(a, &unit, &unit.a, &mut bufs.a, &mut bufs.scratch, names.0)?, Relaxed);
-                        first_nonzero(&bufs.a)
+                        first_nonzero(bufs.a.get())
                     }
                     _ => {
                         bytes_read
                             .fetch_add(fill(b, &unit, &unit.b, &mut bufs.b, &mut bufs.scratch, names.1)?, Relaxed);
-                        first_nonzero(&bufs.b)
+                        first_nonzero(bufs.b.get())
                     }
                 };
                 if let Some(i) = found {
