@@ -401,3 +401,29 @@ fn corpus_sha256_checksums() {
     }
     assert!(checked >= 20, "only {checked} corpus images checked");
 }
+
+/// A disk read front to back (gzip-compressed in an OVA): `--checksum` is taken from what was
+/// written and equals the checksum of the same disk stored uncompressed; the journal records the
+/// conversion once complete, so a rerun does nothing.
+#[test]
+fn front_to_back_disks_get_a_checksum_and_a_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let ova = repo_root().join("testdata/ova");
+    let want = checksum(&[], &ova.join("stream.ova"));
+    let out_raw = dir.path().join("out.raw");
+    let journal = dir.path().join("j");
+    let args = |extra: &[&str]| {
+        let mut c = vdisk();
+        c.args(["convert", "--checksum", "--output", "json", "--journal"]).arg(&journal).args(extra);
+        c.arg(ova.join("gzip-stream.ova")).arg(&out_raw);
+        c
+    };
+    for complete in [false, true] {
+        let out = run_limited(&mut args(&[]), LIMIT);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["checksum"], want.as_str());
+        assert_eq!(report["already-complete"], complete);
+    }
+    assert_eq!(checksum(&[], &out_raw), want);
+}

@@ -158,11 +158,7 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
     // A disk that can only be read front to back (a gzip-compressed OVA member) takes the
     // sequential path; it refuses here, before the target is touched, if it cannot.
     let sequential = image.sequential().transpose()?;
-    if sequential.is_some() && (options.checksum || options.journal.is_some()) {
-        return Err(Error::unsupported(
-            "this disk can only be read front to back (a gzip-compressed OVA member): --checksum and --journal need random access; extract the OVA and convert the disk inside",
-        ));
-    }
+    let front_to_back = sequential.is_some();
     let size = image.virtual_size();
     let plan = options.journal.map(|j| resume::Plan::load(image, target, j, options.restart)).transpose()?;
     let sources: Vec<(u64, u64)> = image.file_ids().collect();
@@ -216,8 +212,17 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
             let checksum = if options.checksum { complete.checksum.clone() } else { None };
             return Ok(report(&counters, checksum, true));
         }
+        if sequential.is_some() {
+            // No random access to hash the source again: hash what the target holds.
+            counters.skipped.store(size, Relaxed);
+            let checksum = Some(written_checksum(target, size, threads)?);
+            return Ok(report(&counters, checksum, true));
+        }
     }
-    let hasher = options.checksum.then(|| StreamHasher::new(size));
+    // A disk read front to back comes in stream order with its holes filled only at the end,
+    // which the in-order digest cannot wait for: its checksum is taken from the target after
+    // the copy, and its journal records the conversion only once it is complete.
+    let hasher = (options.checksum && sequential.is_none()).then(|| StreamHasher::new(size));
     let observers: Vec<&dyn Observer> =
         [journal.as_ref().map(|j| j as &dyn Observer), hasher.as_ref().map(|h| h as &dyn Observer)]
             .into_iter()
@@ -241,11 +246,24 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
         }
         return Err(e);
     }
-    let checksum = hasher.map(StreamHasher::finish).transpose()?;
+    let checksum = match hasher {
+        Some(hasher) => Some(hasher.finish()?),
+        None if options.checksum => Some(written_checksum(target, size, threads)?),
+        None => None,
+    };
     if let Some(journal) = &journal {
-        journal.finish(checksum.clone())?;
+        journal.finish(checksum.clone(), front_to_back)?;
     }
     Ok(report(&counters, checksum, already_complete.is_some()))
+}
+
+/// The blkhash of the first `size` bytes of `target`, read back (for a source without random
+/// access).
+fn written_checksum(target: &Path, size: u64, threads: usize) -> Result<String> {
+    let raw = crate::image::OpenOptions { format: Some(crate::probe::Format::Raw), ..Default::default() };
+    let written = Image::open(target, &raw)?;
+    let options = crate::verify::ChecksumOptions { size: Some(size), threads: Some(threads), ..Default::default() };
+    Ok(crate::verify::checksum(&written, &options)?.digest)
 }
 
 /// Most copy threads: beyond this, storage, not CPU, is the limit on any machine vdisk targets.

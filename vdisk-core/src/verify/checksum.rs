@@ -314,6 +314,7 @@ fn cancelled() -> Error {
 /// # Ok(()) }
 /// ```
 pub fn checksum(image: &Image, options: &ChecksumOptions<'_>) -> Result<Checksum> {
+    image.require_selected_disk()?;
     let size = match options.size {
         None => image.virtual_size(),
         Some(n) if n <= image.virtual_size() => n,

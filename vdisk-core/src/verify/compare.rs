@@ -378,6 +378,8 @@ pub fn compare(
     options: &CompareOptions<'_>,
 ) -> Result<Comparison, CompareError> {
     let started = Instant::now();
+    a.require_selected_disk().map_err(at(CompareStage::Allocation))?;
+    b.require_selected_disk().map_err(at(CompareStage::Allocation))?;
     let (size_a, size_b) = (a.virtual_size(), b.virtual_size());
     let report = |difference, bytes_read| Comparison {
         difference,

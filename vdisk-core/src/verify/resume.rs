@@ -142,12 +142,15 @@ impl Plan {
                 return Err(Error::new(ErrorKind::Journal, format!("journal {} is the target itself", path.display())));
             }
         }
+        // A disk read front to back has no extent map; its files' identities bind it.
+        let map_sha256 =
+            if image.sequential().is_some() { "none (read front to back)".into() } else { map_digest(image)? };
         let source = SourceId {
             path: image.path().map(absolute).unwrap_or_default(),
             format: image.format().to_string(),
             virtual_size: image.virtual_size(),
             files,
-            map_sha256: map_digest(image)?,
+            map_sha256,
         };
         let existing = if restart { None } else { Journal::read(path)? };
         if let Some(j) = &existing {
@@ -205,7 +208,9 @@ impl Plan {
                 if let Some(change) = what_changed(&j.header, &header) {
                     return Err(refuse(&path, change));
                 }
-                spot_check(image, target, &path, &j.done)?;
+                if image.sequential().is_none() {
+                    spot_check(image, target, &path, &j.done)?;
+                }
                 (j.done, j.complete)
             }
             None => {
@@ -339,13 +344,17 @@ impl Resume<'_> {
     }
 
     /// The copy finished and the target was flushed by the caller's sink: flush, check that
-    /// every byte is recorded, and mark the journal complete.
-    pub(crate) fn finish(&self, checksum: Option<String>) -> Result<()> {
+    /// every byte is recorded, and mark the journal complete. `whole`: the copy (a front-to-back
+    /// stream, which reports no items) wrote the whole disk.
+    pub(crate) fn finish(&self, checksum: Option<String>, whole: bool) -> Result<()> {
         (self.flush)().map_err(|e| Error::io("flushing the target", e))?;
         let done = {
             let mut state = self.lock();
             let fresh = std::mem::take(&mut state.fresh);
             state.recorded.extend(&fresh);
+            if whole {
+                state.recorded.insert(0, self.size);
+            }
             state.recorded.clone()
         };
         if self.size > 0 && !done.covers(0, self.size) {
