@@ -367,8 +367,8 @@ fn first_nonzero(a: &[u8]) -> Option<usize> {
 /// std::fs::write(&b, b"same bytes, then one differing").unwrap();
 /// let open = |p| vdisk_core::Image::open(p, &Default::default()).unwrap();
 /// let result = vdisk_core::compare(&open(&a), &open(&b), ("a.raw", "b.raw"), &Default::default())?;
-/// assert_eq!(result.difference, Some(vdisk_core::Difference::Content { offset: 26 }));
-/// assert_eq!(result.qemu_lines(), ["Content mismatch at offset 26!"]);
+/// assert_eq!(result.difference, Some(vdisk_core::Difference::Content { offset: 27 }));
+/// assert_eq!(result.qemu_lines(), ["Content mismatch at offset 27!"]);
 /// # Ok(()) }
 /// ```
 pub fn compare(
