@@ -54,16 +54,28 @@ fn vhdx_rows(dir: &Path) -> Vec<Row> {
         .collect()
 }
 
-/// The unpacked VHDX files (and qemu-img's info JSON), once per test binary, under Cargo's
-/// per-target temporary directory; or the corpus folder itself when it is already unpacked.
+/// The unpacked VHDX files (and qemu-img's info JSON) under Cargo's per-target temporary
+/// directory, or the corpus folder itself when it is already unpacked.
+///
+/// nextest runs each test in its own process, several at once: each process unpacks into a
+/// folder of its own and renames it into place when complete, so no test ever sees a folder
+/// another one is still filling or deleting. The name carries the archive's size and mtime, so a
+/// new corpus is unpacked afresh.
 fn files(dir: &Path) -> &'static Path {
     static FILES: OnceLock<PathBuf> = OnceLock::new();
     FILES.get_or_init(|| {
         let archive = dir.join("corpus.tar.xz");
-        if !archive.is_file() {
+        let Ok(meta) = std::fs::metadata(&archive) else {
             return dir.to_path_buf();
+        };
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        let key = format!("{}-{}", meta.len(), mtime.map_or(0, |d| d.as_secs()));
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let done = tmp.join(format!("vhdx-corpus-{key}"));
+        if done.is_dir() {
+            return done;
         }
-        let into = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vhdx-corpus");
+        let into = tmp.join(format!("vhdx-corpus-{key}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&into);
         std::fs::create_dir_all(&into).unwrap();
         let names: Vec<String> = vhdx_rows(dir).iter().map(|r| format!("./{}", r.name)).collect();
@@ -76,7 +88,12 @@ fn files(dir: &Path) -> &'static Path {
             std::fs::create_dir_all(&qdir).unwrap();
             common::run(Command::new("tar").arg("-xJf").arg(&info).arg("-C").arg(&qdir));
         }
-        into
+        // Another process may have finished first: then its copy is used and this one removed.
+        if std::fs::rename(&into, &done).is_err() {
+            let _ = std::fs::remove_dir_all(&into);
+            assert!(done.is_dir(), "could not move the unpacked corpus to {}", done.display());
+        }
+        done
     })
 }
 
