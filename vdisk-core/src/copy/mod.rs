@@ -5,6 +5,9 @@ pub(crate) mod observer;
 mod plan;
 mod sink;
 mod stream;
+// The export contract; its implementations arrive with the writers.
+#[allow(dead_code)]
+pub(crate) mod writer;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
