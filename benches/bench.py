@@ -68,23 +68,33 @@ TIME = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:
-    """Run cmd; return (wall seconds, peak RSS bytes of the child).
+    """Run cmd; return (wall seconds, peak RSS bytes of the child)."""
+    wall, rss, _ = timed_cpu(cmd)
+    return wall, rss
 
-    Peak RSS comes from GNU time's %M: the rusage of a child started by Python would include
-    Python's own pages (vfork shares them until exec), hiding anything smaller than Python.
+
+def timed_cpu(cmd: list[str]) -> tuple[float, int, float]:
+    """Run cmd; return (wall seconds, peak RSS bytes, CPU seconds (user + system)) of the child.
+
+    Peak RSS and CPU time come from GNU time (%M, %U, %S): the rusage of a child started by Python
+    would include Python's own pages (vfork shares them until exec), hiding anything smaller than
+    Python. CPU time is what compares two builds of the same code on a machine other work is
+    loading: it does not count the time spent waiting for a core.
     """
-    argv = [TIME, "-f", "%M", *cmd] if TIME else cmd
+    argv = [TIME, "-f", "%U %S %M", *cmd] if TIME else cmd
     start = time.perf_counter()
     proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - start
     err = proc.stderr.decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {err}")
-    rss = 0
+    rss, cpu = 0, 0.0
     if TIME:
-        last = err.strip().splitlines()[-1] if err.strip() else "0"
-        rss = int(last) * 1024 if last.isdigit() else 0
-    return elapsed, rss
+        fields = err.strip().splitlines()[-1].split() if err.strip() else []
+        if len(fields) == 3:
+            cpu = float(fields[0]) + float(fields[1])
+            rss = int(fields[2]) * 1024
+    return elapsed, rss, cpu
 
 
 def fill_tree(dest: Path, budget: int) -> int:
@@ -186,8 +196,11 @@ def main() -> None:
         lines += [f"Builds: {', '.join(f'{n} = `{os.path.relpath(p, ROOT)}`' for n, p in builds)}.", ""]
     cols = "".join(f" {n} median s |" for n, _ in builds) + " qemu-img median s |" + "".join(f" {n} ratio |" for n, _ in builds)
     rss_cols = "".join(f" {n} peak RSS |" for n, _ in builds) + " qemu-img peak RSS |"
-    header = f"| disk | variant | image size |{cols}{rss_cols}"
-    ncols = 3 + 2 * len(builds) + 1 + len(builds) + 1
+    # CPU seconds (user + system) per build and qemu-img, and each build's CPU ratio to qemu-img:
+    # robust where other work shares the machine.
+    cpu_cols = "".join(f" {n} CPU s |" for n, _ in builds) + " qemu-img CPU s |" + "".join(f" {n} CPU ratio |" for n, _ in builds)
+    header = f"| disk | variant | image size |{cols}{rss_cols}{cpu_cols}"
+    ncols = 3 + 2 * len(builds) + 1 + len(builds) + 1 + 2 * len(builds) + 1
     lines += [header, "|" + "---|" * ncols]
     print(header)
     blank = " |" * (ncols - 4)
@@ -226,29 +239,34 @@ def main() -> None:
         for name, fmt, opts in chosen:
             image = images[name]
             # One (command, times, peak RSS) per vdisk build, then qemu-img last.
-            runs: list[tuple[list[str], list[float], list[int]]] = []
+            runs: list[tuple[list[str], list[float], list[int], list[float]]] = []
             for _, binary in builds:
                 vcmd = [binary, "convert", "-f", fmt, "-O", "raw", str(image), str(out)]
                 if args.threads:
                     vcmd[2:2] = ["--threads", str(args.threads)]
-                runs.append((vcmd, [], []))
-            runs.append((["qemu-img", "convert", "-m", "16", "-W", "-f", fmt, "-O", "raw", str(image), str(out)], [], []))
+                runs.append((vcmd, [], [], []))
+            runs.append((["qemu-img", "convert", "-m", "16", "-W", "-f", fmt, "-O", "raw", str(image), str(out)], [], [], []))
             for r in range(args.rounds):
                 # Rotate who goes first each round, so page-cache and thermal effects spread evenly.
                 k = r % len(runs)
-                for cmd, times, rss in runs[k:] + runs[:k]:
+                for cmd, times, rss, cpus in runs[k:] + runs[:k]:
                     clean()
-                    t, m = timed(cmd)
+                    t, m, c = timed_cpu(cmd)
                     times.append(t)
                     rss.append(m)
+                    cpus.append(c)
             clean()
-            medians = [statistics.median(times) for _, times, _ in runs]
+            medians = [statistics.median(times) for _, times, _, _ in runs]
             mt = medians[-1]
+            cpu_medians = [statistics.median(cpus) for _, _, _, cpus in runs]
+            ct = cpu_medians[-1]
             row = (
                 f"| {disk_s}/{data_s} | {name} | {human(image.stat().st_blocks * 512)} |"
                 + "".join(f" {m:.2f} |" for m in medians)
                 + "".join(f" {m / mt:.2f} |" for m in medians[:-1])
-                + "".join(f" {human(max(rss))} |" for _, _, rss in runs)
+                + "".join(f" {human(max(rss))} |" for _, _, rss, _ in runs)
+                + "".join(f" {c:.2f} |" for c in cpu_medians)
+                + "".join(f" {c / ct:.2f} |" if ct else " - |" for c in cpu_medians[:-1])
             )
             print(row, flush=True)
             lines.append(row)
@@ -271,6 +289,7 @@ def main() -> None:
         + "".join(f" {m:.3f} |" for m in medians)
         + "".join(f" {m / medians[-1]:.2f} |" for m in medians[:-1])
         + " |" * (len(builds) + 1)
+        + " |" * (3 * len(builds) + 1)
     )
     print(row)
     lines.append(row)
