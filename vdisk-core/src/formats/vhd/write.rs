@@ -30,7 +30,8 @@
 //!
 //! Footer copy at 0, dynamic header at 512, BAT at 1536, then the blocks as Windows lays them
 //! out: 2 MiB blocks, each preceded by its 512-byte sector bitmap (all bits set) placed so that the
-//! block's data starts on a 4 KiB boundary (a block takes 2 MiB + 4 KiB of file). Blocks are
+//! block's data starts on a 4 KiB boundary (a block takes 2 MiB + 4 KiB of file), and the footer
+//! in the place of the next block's bitmap, so the file ends on a 4 KiB boundary. Blocks are
 //! allocated in the order their first non-zero data arrives (an atomic bump pointer), so threads
 //! never wait for one another; all-zero blocks stay unallocated. The BAT, header and both
 //! footers are written by `finish`. The largest dynamic disk is 2040 GiB (the specification's
@@ -190,6 +191,12 @@ fn dynamic_layout(size: u64) -> (u64, u64) {
     (entries, first_slot)
 }
 
+/// Length of a dynamic disk with `blocks` blocks: the footer takes the place of the next
+/// block's sector bitmap, so the file ends on a 4 KiB boundary (Windows' layout).
+fn dynamic_file_len(first_slot: u64, blocks: u64) -> u64 {
+    first_slot + blocks * BLOCK_SLOT + BITMAP_SLOT
+}
+
 /// Bytes the output needs: `required` for the blocks `allocated` reports, `fully-allocated` for
 /// every block.
 pub(crate) fn measure(virtual_size: u64, allocated: &Allocated<'_>, options: &VhdOptions) -> Result<Measure> {
@@ -202,8 +209,10 @@ pub(crate) fn measure(virtual_size: u64, allocated: &Allocated<'_>, options: &Vh
         Subformat::Dynamic => {
             let (entries, first_slot) = dynamic_layout(size);
             let used = allocated(BLOCK_SIZE)?.min(entries);
-            let file = |blocks: u64| first_slot + blocks * BLOCK_SLOT + FOOTER_SIZE;
-            Ok(Measure { required: file(used), fully_allocated: file(entries) })
+            Ok(Measure {
+                required: dynamic_file_len(first_slot, used),
+                fully_allocated: dynamic_file_len(first_slot, entries),
+            })
         }
     }
 }
@@ -211,6 +220,7 @@ pub(crate) fn measure(virtual_size: u64, allocated: &Allocated<'_>, options: &Vh
 /// Start writing a VHD of `virtual_size` bytes into `file` (a new, empty file).
 pub(crate) fn create(file: File, virtual_size: u64, options: &VhdOptions) -> Result<Box<dyn FormatWriter>> {
     let size = disk_size(virtual_size, options.subformat)?;
+    prepare(&file)?;
     let footer = footer_bytes(size, options.subformat, now_vhd(), random_id());
     let kind = match options.subformat {
         Subformat::Fixed => {
@@ -224,6 +234,19 @@ pub(crate) fn create(file: File, virtual_size: u64, options: &VhdOptions) -> Res
         }
     };
     Ok(Box::new(VhdWriter { file, size, footer, kind }))
+}
+
+/// Check that the output is a regular file and empty it, so that space never written reads
+/// as zero.
+fn prepare(file: &File) -> Result<()> {
+    let meta = file.metadata().map_err(|e| Error::io("reading the output file's metadata", e))?;
+    if !meta.is_file() {
+        return Err(Error::target("a VHD is written to a regular file, not to a device or a pipe"));
+    }
+    if meta.len() > 0 {
+        file.set_len(0).map_err(|e| Error::io("emptying the output file", e))?;
+    }
+    Ok(())
 }
 
 /// Allocate `len` bytes of `file` so the output is not sparse.
@@ -394,7 +417,7 @@ impl FormatWriter for VhdWriter {
                 self.write_at(&self.footer, 0)?;
                 self.write_at(&header, HEADER_OFFSET)?;
                 self.write_at(&bat, BAT_OFFSET)?;
-                d.first_slot + d.slots.load(Ordering::Acquire) * BLOCK_SLOT
+                dynamic_file_len(d.first_slot, d.slots.load(Ordering::Acquire)) - FOOTER_SIZE
             }
         };
         self.write_at(&self.footer, end)?;

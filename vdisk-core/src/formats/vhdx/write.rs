@@ -299,6 +299,7 @@ pub(crate) fn measure(virtual_size: u64, allocated: &Allocated<'_>, options: &Vh
 /// Start writing a VHDX of `virtual_size` bytes into `file` (a new, empty file).
 pub(crate) fn create(file: File, virtual_size: u64, options: &VhdxOptions) -> Result<Box<dyn FormatWriter>> {
     let layout = Layout::new(virtual_size, options)?;
+    prepare(&file)?;
     let blocks = usize::try_from(layout.blocks)
         .map_err(|_| Error::limit(format!("{} VHDX blocks do not fit in memory", layout.blocks)))?;
     let mut bat = Vec::new();
@@ -309,6 +310,19 @@ pub(crate) fn create(file: File, virtual_size: u64, options: &VhdxOptions) -> Re
         allocate(&file, layout.file_len(layout.blocks))?;
     }
     Ok(Box::new(VhdxWriter { file, layout, options: options.clone(), bat, slots: AtomicU64::new(0) }))
+}
+
+/// Check that the output is a regular file and empty it, so that space never written reads
+/// as zero.
+fn prepare(file: &File) -> Result<()> {
+    let meta = file.metadata().map_err(|e| Error::io("reading the output file's metadata", e))?;
+    if !meta.is_file() {
+        return Err(Error::target("a VHDX is written to a regular file, not to a device or a pipe"));
+    }
+    if meta.len() > 0 {
+        file.set_len(0).map_err(|e| Error::io("emptying the output file", e))?;
+    }
+    Ok(())
 }
 
 /// Allocate `len` bytes of `file` so the output is not sparse.

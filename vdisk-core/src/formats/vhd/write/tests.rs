@@ -237,7 +237,8 @@ fn dynamic_round_trips_with_zero_blocks_unallocated() {
     let m = measure(size, &|unit| Ok(if unit == BLOCK_SIZE { blocks } else { unreachable!() }), &options).unwrap();
     assert_eq!(m.required, len, "measure predicts the file length");
     let (entries, first_slot) = dynamic_layout(size);
-    assert_eq!(m.fully_allocated, first_slot + entries * BLOCK_SLOT + 512);
+    assert_eq!(m.fully_allocated, first_slot + entries * BLOCK_SLOT + 4096);
+    assert_eq!(len % 4096, 0, "the file ends on a 4 KiB boundary");
 
     let bytes = std::fs::read(&path).unwrap();
     let end = bytes.len() - 512;
@@ -277,7 +278,7 @@ fn empty_and_tiny_disks() {
     let size = 8 << 20;
     let path = dir.path().join("empty.vhd");
     let len = write_vhd(&path, size, &vec![0; size as usize], &VhdOptions::default(), 5);
-    assert_eq!(len, 4096 + 512);
+    assert_eq!(len, 8192, "an empty dynamic VHD: footer, header, BAT, footer");
     assert!(vdisk_read(&path).1.iter().all(|&b| b == 0));
     // A size that is not whole sectors is rounded up to the next sector, as qemu-img does.
     for subformat in [Subformat::Fixed, Subformat::Dynamic] {
@@ -352,6 +353,96 @@ fn threads_racing_for_one_block_allocate_it_once() {
     });
     let len = w.finish().unwrap();
     let (_, first_slot) = dynamic_layout(size);
-    assert_eq!(len, first_slot + 4 * BLOCK_SLOT + 512, "each block allocated exactly once");
+    assert_eq!(len, first_slot + 4 * BLOCK_SLOT + 4096, "each block allocated exactly once");
     assert!(vdisk_read(&path).1 == data);
+}
+
+/// `name` unpacked from the shared real-image corpus into `dir`, when the corpus is there.
+fn corpus_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let archive = [root.join("../shared/corpus/corpus.tar.xz"), root.join("../../shared/corpus/corpus.tar.xz")]
+        .into_iter()
+        .find(|p| p.is_file());
+    let Some(archive) = archive else {
+        eprintln!("SKIP: the shared corpus is not here; layout not compared with Windows' files");
+        return None;
+    };
+    let ok = Command::new("tar")
+        .arg("-xSJf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(dir)
+        .arg(format!("./{name}"))
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "cannot unpack {name} from {}", archive.display());
+    Some(dir.join(name))
+}
+
+#[test]
+fn layout_matches_what_windows_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 10 << 20;
+    // Windows 10's fixed 10 MiB VHD: the footer agrees on every field but the creator, the
+    // time and the id.
+    let Some(theirs) = corpus_file(dir.path(), "dissect-hyperv-win10-fixed.vhd") else { return };
+    let theirs = std::fs::read(theirs).unwrap();
+    assert_eq!(theirs.len() as u64, size + 512);
+    let ours = dir.path().join("fixed.vhd");
+    let data = content(size as usize, 9);
+    write_vhd(&ours, size, &data, &VhdOptions { subformat: Subformat::Fixed, force_size: false }, 8);
+    let ours = std::fs::read(ours).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    let (a, b) = (footer_at(&ours[size as usize..]), footer_at(&theirs[size as usize..]));
+    let fields = |f: &super::super::footer::Footer| {
+        (f.features, f.format_version, f.data_offset, f.creator_host, f.original_size, f.current_size)
+    };
+    assert_eq!(fields(&a), fields(&b));
+    assert_eq!((a.geometry, a.disk_type_raw, a.saved_state), (b.geometry, b.disk_type_raw, b.saved_state));
+    assert_eq!(&ours[size as usize + 85..], &theirs[size as usize + 85..], "reserved bytes");
+
+    // Windows 10's dynamic 10 MiB VHD with three blocks: same header, BAT place, block slots.
+    let Some(theirs) = corpus_file(dir.path(), "dissect-hyperv-win10-dynamic.vhd") else { return };
+    let theirs = std::fs::read(theirs).unwrap();
+    let ours = dir.path().join("dynamic.vhd");
+    let mut data = vec![0u8; size as usize];
+    data[..6 << 20].fill(0x5a);
+    write_vhd(&ours, size, &data, &VhdOptions::default(), 9);
+    let ours = std::fs::read(ours).unwrap();
+    assert_eq!(ours.len(), theirs.len(), "three blocks take the same file space");
+    let header = |b: &[u8]| super::super::dynamic::DynamicHeader::parse(&b[512..1536], 512).unwrap();
+    let (a, b) = (header(&ours), header(&theirs));
+    assert_eq!(
+        (a.table_offset, a.max_table_entries, a.block_size, a.bitmap_size()),
+        (b.table_offset, b.max_table_entries, b.block_size, b.bitmap_size())
+    );
+    // Both dynamic headers: data offset all ones, version 1.0, the same reserved and parent fields.
+    assert_eq!(&ours[512 + 8..512 + 16], &theirs[512 + 8..512 + 16]);
+    assert_eq!(&ours[512 + 24..512 + 28], &theirs[512 + 24..512 + 28]);
+    assert_eq!(&ours[512 + 40..1536], &theirs[512 + 40..1536]);
+    let bat = |b: &[u8]| {
+        let mut v = super::super::dynamic::decode_bat(&b[1536..1536 + 20]);
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(bat(&ours), bat(&theirs), "blocks in the same slots");
+    let (fa, fb) = (footer_at(&ours[..512]), footer_at(&theirs[..512]));
+    assert_eq!(fields(&fa), fields(&fb));
+}
+
+#[test]
+fn the_output_is_emptied_and_must_be_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reused.vhd");
+    std::fs::write(&path, vec![0xee; 9 << 20]).unwrap();
+    let mut data = vec![0u8; 6 << 20];
+    data[..4096].fill(7);
+    let file = File::options().read(true).write(true).open(&path).unwrap();
+    let w = create(file, data.len() as u64, &VhdOptions::default()).unwrap();
+    // Only the first 4 KiB of block 0 is written: the rest of its slot must read as zero.
+    w.write(0, &data[..4096]).unwrap();
+    w.finish().unwrap();
+    assert!(vdisk_read(&path).1 == data, "old bytes show through");
+    let dev = File::options().write(true).open("/dev/null").unwrap();
+    assert_eq!(create(dev, 1 << 20, &VhdOptions::default()).unwrap_err().kind(), crate::ErrorKind::Target);
 }

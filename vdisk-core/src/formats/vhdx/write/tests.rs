@@ -459,3 +459,78 @@ fn limits_and_writes_past_the_end() {
         assert!(w.write(u64::MAX - 511, &[1; 512]).is_err());
     }
 }
+
+/// `name` unpacked from the shared real-image corpus into `dir`, when the corpus is there.
+fn corpus_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let archive = [root.join("../shared/corpus/corpus.tar.xz"), root.join("../../shared/corpus/corpus.tar.xz")]
+        .into_iter()
+        .find(|p| p.is_file());
+    let Some(archive) = archive else {
+        eprintln!("SKIP: the shared corpus is not here; layout not compared with Hyper-V's files");
+        return None;
+    };
+    let ok = Command::new("tar")
+        .arg("-xSJf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(dir)
+        .arg(format!("./{name}"))
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "cannot unpack {name} from {}", archive.display());
+    Some(dir.join(name))
+}
+
+#[test]
+fn layout_matches_what_hyper_v_writes() {
+    // A dynamic 10 MiB disk made by Windows 10 1909 (build 18363) with one block written.
+    let dir = tempfile::tempdir().unwrap();
+    let Some(theirs) = corpus_file(dir.path(), "dissect-hyperv-win10-18363-dynamic.vhdx") else { return };
+    let ours = dir.path().join("ours.vhdx");
+    let mut data = vec![0u8; 10 << 20];
+    data[..4096].fill(0x33);
+    write_vhdx(&ours, &data, &VhdxOptions::default(), 10);
+    let (a, b) = (std::fs::read(&ours).unwrap(), std::fs::read(&theirs).unwrap());
+    assert_eq!(a.len(), b.len(), "one 32 MiB block after the same metadata");
+    let same = |range: std::ops::Range<usize>, what: &str| {
+        let first = range.clone().find(|&i| a[i] != b[i]);
+        assert!(first.is_none(), "{what} differs from Hyper-V's at {:#x}", first.unwrap_or(0));
+    };
+    // Headers: everything but the checksum, sequence number and GUIDs (bytes 64..4096).
+    for at in HEADER_OFFSETS {
+        let at = usize::try_from(at).unwrap();
+        same(at + 64..at + 4096, "a header");
+    }
+    // Region tables: identical, checksum included.
+    for at in REGION_TABLE_OFFSETS {
+        let at = usize::try_from(at).unwrap();
+        same(at..at + REGION_TABLE_SIZE, "a region table");
+    }
+    // Metadata: the same table header and five entries (Windows leaves a stale sixth entry past
+    // the count), and the same items except the random page 83 disk id.
+    let md = 2 << 20;
+    same(md..md + 32 * 6, "the metadata table");
+    assert!(is_zero(&a[md + 32 * 6..md + (64 << 10)]));
+    let items = md + (64 << 10);
+    same(items..items + 24, "the metadata items");
+    // The BAT: block 0 at 4 MiB, fully present; everything else not present.
+    let bat = 3 << 20;
+    same(bat..bat + (1 << 20), "the BAT");
+    assert_eq!(u64::from_le_bytes(a[bat..bat + 8].try_into().unwrap()), (4 << 20) | 6);
+}
+
+#[test]
+fn the_output_is_emptied_and_must_be_a_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reused.vhdx");
+    std::fs::write(&path, vec![0xee; 12 << 20]).unwrap();
+    let mut data = vec![0u8; 6 << 20];
+    data[..1000].fill(7);
+    let file = File::options().read(true).write(true).open(&path).unwrap();
+    let w = create(file, data.len() as u64, &options(&[("block_size", "4M")])).unwrap();
+    drive(w.as_ref(), &data, 2, 12);
+    assert!(vdisk_read(&path).1 == data, "old bytes show through");
+    let dev = File::options().write(true).open("/dev/null").unwrap();
+    assert_eq!(create(dev, 1 << 20, &VhdxOptions::default()).unwrap_err().kind(), crate::ErrorKind::Target);
+}
