@@ -36,6 +36,15 @@
 //! never wait for one another; all-zero blocks stay unallocated. The BAT, header and both
 //! footers are written by `finish`. The largest dynamic disk is 2040 GiB (the specification's
 //! limit: BAT entries are 32-bit sector numbers).
+//!
+//! # Measure
+//!
+//! `required` counts the 2 MiB blocks the source has data in, `fully-allocated` every block; for
+//! a fixed disk both are the virtual size plus 512. `qemu-img measure` does not support `vpc`
+//! ("does not support size measurement"), so the figures are checked against the files this
+//! writer makes: for a source whose data blocks hold non-zero bytes, `required` is the exact
+//! file length. A zero-size fixed disk (a lone footer) is valid, but qemu-img 10 cannot open it,
+//! not even the one it makes itself.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -39,6 +39,15 @@
 //! file allocated with `posix_fallocate` when the writer is created (so all-zero data need not be
 //! written, and the file is not sparse as qemu-img's is). The BAT, metadata, region tables,
 //! headers and file identifier are written by `finish`.
+//!
+//! # Measure
+//!
+//! `required` counts the payload blocks the source has data in, `fully-allocated` every block;
+//! both add the header section, log, metadata and BAT regions. `qemu-img measure` does not
+//! support `vhdx`, so the figures are checked against the files this writer makes: for a source
+//! whose data blocks hold non-zero bytes, `required` is the exact file length. A zero-size disk
+//! is written as the specification allows, but qemu-img 10 cannot open it (its unsigned BAT
+//! arithmetic wants a BAT region of hundreds of MiB for an empty disk).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
