@@ -42,14 +42,16 @@ mod io;
 mod limits;
 mod policy;
 mod probe;
+mod source;
 mod verify;
 
 pub use copy::{
-    convert, default_threads, ConvertOptions, ConvertReport, Progress, TargetKind, DEFAULT_CHECKPOINT_BYTES,
+    convert, default_threads, export, measure, measure_size, parse_option_pairs, ConvertOptions, ConvertReport,
+    ExportOptions, Measure, OutputFormat, Preset, Progress, TargetKind, DEFAULT_CHECKPOINT_BYTES,
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_ITEM_SIZE,
 };
 pub use decompress::ReadScratch;
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, RemoteFailure, Result};
 pub use extent::{CompressedUnit, Compression, Extent, ExtentKind, FileId, Location};
 pub use image::{Extents, Image, OpenOptions};
 pub use info::{CheckProblem, CheckReport, ImageInfo, SnapshotInfo};
@@ -57,6 +59,7 @@ pub use io::{MemSource, ReadAt};
 pub use limits::Limits;
 pub use policy::ReferencePolicy;
 pub use probe::Format;
+pub use source::{is_url, redact_url, HttpOptions, HttpSource, UrlRefresh};
 pub use verify::{
     checksum, compare, Checksum, ChecksumAlgorithm, ChecksumOptions, CompareError, CompareOptions, CompareStage,
     Comparison, Difference, BLKHASH_BLOCK_SIZE,
