@@ -60,7 +60,7 @@ use super::dynamic::{
 };
 use super::footer::{checksum, Geometry, RawFooter, FOOTER_CHECKSUM_FIELD, FOOTER_MAGIC, FOOTER_SIZE};
 use crate::copy::is_zero;
-use crate::copy::writer::{option_error, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{option_error, parse_bool, Allocated, FormatWriter, Measure};
 use crate::error::{Error, Result};
 
 /// Block size of a dynamic disk: what Hyper-V, Virtual PC and qemu-img write.
@@ -168,15 +168,6 @@ impl VhdOptions {
             }
         }
         Ok(o)
-    }
-}
-
-/// A qemu-style boolean option value.
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(option_error(format!("vpc: option '{key}' takes 'on' or 'off', not '{value}'"))),
     }
 }
 

@@ -77,7 +77,7 @@ use super::region::{
 };
 use super::MIB;
 use crate::copy::is_zero;
-use crate::copy::writer::{option_error, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{option_error, parse_bool, parse_size, Allocated, FormatWriter, Measure};
 use crate::error::{Error, Result};
 
 /// Hyper-V's payload block size, the default.
@@ -211,32 +211,6 @@ impl VhdxOptions {
         }
         Ok(o)
     }
-}
-
-/// A qemu-style boolean option value.
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(option_error(format!("vhdx: option '{key}' takes 'on' or 'off', not '{value}'"))),
-    }
-}
-
-/// A size as qemu-img writes one: digits, optionally followed by `B`, `K`, `M`, `G` or `T`
-/// (binary multiples, any case).
-fn parse_size(key: &str, value: &str) -> Result<u64> {
-    let bad = || option_error(format!("vhdx: option '{key}' takes a size such as 32M, not '{value}'"));
-    let digits = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let shift = match &value[digits.len()..] {
-        "" | "b" | "B" => 0,
-        "k" | "K" => 10,
-        "m" | "M" => 20,
-        "g" | "G" => 30,
-        "t" | "T" => 40,
-        _ => return Err(bad()),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
 /// Where everything goes in a VHDX of `size` bytes with `o`'s parameters.
