@@ -106,6 +106,7 @@ impl OpenArgs {
             },
             limits,
             disk: self.disk,
+            ..OpenOptions::default()
         }
     }
 }

@@ -29,6 +29,10 @@ pub enum ErrorKind {
     /// A resume journal does not match this conversion (the message says what changed), or is
     /// damaged.
     Journal,
+    /// A remote source (HTTP/HTTPS) failed after its retries, answered something vdisk cannot use
+    /// (a server that ignores `Range`), or changed during the read; [`Error::http_status`] gives
+    /// the server's status where there was one.
+    Remote,
 }
 
 impl ErrorKind {
@@ -43,6 +47,7 @@ impl ErrorKind {
             ErrorKind::Target => "target",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Journal => "journal",
+            ErrorKind::Remote => "remote",
         }
     }
 }
@@ -83,9 +88,24 @@ impl Error {
         Self::new(ErrorKind::Target, message)
     }
 
-    /// An [`ErrorKind::Io`] error that keeps `err` as its source and says what was being done.
+    /// An [`ErrorKind::Io`] error that keeps `err` as its source and says what was being done
+    /// ([`ErrorKind::Remote`] when `err` carries a [`RemoteFailure`] from a remote source).
     pub fn io(what: impl fmt::Display, err: io::Error) -> Self {
-        Error { kind: ErrorKind::Io, message: format!("{what}: {}", io_text(&err)), source: Some(Box::new(err)) }
+        Error { kind: io_kind_of(&err), message: format!("{what}: {}", io_text(&err)), source: Some(Box::new(err)) }
+    }
+
+    /// An [`ErrorKind::Remote`] error.
+    pub fn remote(failure: RemoteFailure) -> Self {
+        Error { kind: ErrorKind::Remote, message: failure.message.clone(), source: Some(Box::new(failure)) }
+    }
+
+    /// For [`ErrorKind::Remote`] errors: the HTTP status the server last answered, if any.
+    pub fn http_status(&self) -> Option<u16> {
+        let source = self.source.as_ref()?;
+        if let Some(f) = source.downcast_ref::<RemoteFailure>() {
+            return f.status;
+        }
+        source.downcast_ref::<io::Error>()?.get_ref()?.downcast_ref::<RemoteFailure>()?.status
     }
 
     /// An [`ErrorKind::Io`] error with its own `message` that keeps `err` as its source, so that
@@ -133,6 +153,39 @@ impl Error {
     }
 }
 
+/// Why a remote source could not answer a read: a one-line message with every secret already
+/// redacted, and the HTTP status the server last answered. Readers see it inside an
+/// [`io::Error`]; [`Error::io`] turns it back into an [`ErrorKind::Remote`] error.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteFailure {
+    /// What happened, without the URL (the caller names the source).
+    pub message: String,
+    /// The server's HTTP status, when it answered one.
+    pub status: Option<u16>,
+}
+
+impl fmt::Display for RemoteFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RemoteFailure {}
+
+impl From<RemoteFailure> for io::Error {
+    fn from(f: RemoteFailure) -> Self {
+        io::Error::other(f)
+    }
+}
+
+/// [`ErrorKind::Remote`] for an I/O error carrying a [`RemoteFailure`], else [`ErrorKind::Io`].
+fn io_kind_of(err: &io::Error) -> ErrorKind {
+    match err.get_ref() {
+        Some(inner) if inner.is::<RemoteFailure>() => ErrorKind::Remote,
+        _ => ErrorKind::Io,
+    }
+}
+
 /// The text of an I/O error without Rust's " (os error N)" suffix, as a user would expect it.
 fn io_text(err: &io::Error) -> String {
     let text = err.to_string();
@@ -167,7 +220,7 @@ impl std::error::Error for Error {
 
 impl From<io::Error> for Error {
     fn from(err: io::Error) -> Self {
-        Error { kind: ErrorKind::Io, message: io_text(&err), source: Some(Box::new(err)) }
+        Error { kind: io_kind_of(&err), message: io_text(&err), source: Some(Box::new(err)) }
     }
 }
 
@@ -181,6 +234,18 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Io);
         assert_eq!(e.io_kind(), Some(io::ErrorKind::NotFound));
         assert_eq!(e.to_string(), "a b: opening x: No such file or directory");
+    }
+
+    #[test]
+    fn remote_failures_inside_io_errors_keep_their_kind_and_status() {
+        let f = RemoteFailure { message: "the server answered 503 Service Unavailable".into(), status: Some(503) };
+        let e = Error::io("reading L1 table at 0x30000", f.clone().into());
+        assert_eq!(e.kind(), ErrorKind::Remote);
+        assert_eq!(e.http_status(), Some(503));
+        assert_eq!(e.to_string(), "reading L1 table at 0x30000: the server answered 503 Service Unavailable");
+        assert_eq!(Error::from(io::Error::from(f.clone())).kind(), ErrorKind::Remote);
+        assert_eq!(Error::remote(f).http_status(), Some(503));
+        assert_eq!(Error::io("x", io::Error::other("plain")).http_status(), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::io::{FileSource, ReadAt};
 use crate::limits::{Limits, MetadataBudget};
 use crate::policy::{self, ReferencePolicy};
 use crate::probe::{self, Detected, Format};
+use crate::source::{self, HttpOptions, HttpSource};
 
 /// How to open an image.
 ///
@@ -36,6 +37,8 @@ pub struct OpenOptions {
     /// disk, or the first of several (conversion then refuses until one is chosen). Any other
     /// image refuses a disk number.
     pub disk: Option<u32>,
+    /// How to read `http://` and `https://` sources (connections, retries, timeout, headers).
+    pub http: HttpOptions,
 }
 
 /// What each format reader provides; the rest of the crate sees images only through this.
@@ -256,6 +259,9 @@ pub(crate) struct OpenContext<'a> {
     files: Vec<OpenFile>,
     /// (device, inode) of each image on the path from the top to the one being opened.
     chain: Vec<(u64, u64)>,
+    /// Remote sources opened so far, by the (redacted) path they are shown as: the names they
+    /// give to other objects resolve against their URLs, never against the local file system.
+    remote: Vec<(PathBuf, Arc<HttpSource>)>,
 }
 
 impl<'a> OpenContext<'a> {
@@ -266,6 +272,7 @@ impl<'a> OpenContext<'a> {
             describe_only,
             files: Vec::new(),
             chain: Vec::new(),
+            remote: Vec::new(),
         }
     }
 
@@ -294,6 +301,42 @@ impl<'a> OpenContext<'a> {
         }
     }
 
+    /// The URL behind `referrer` when it is a remote source opened in this context.
+    pub(crate) fn remote_url(&self, referrer: Option<&Path>) -> Option<String> {
+        let referrer = referrer?;
+        self.remote.iter().find(|(p, _)| p == referrer).map(|(_, s)| s.url())
+    }
+
+    /// Resolve `name`, found in the image at `referrer`, under the policy: a local file, or, for
+    /// an image read over HTTP, the object at the URL it names relative to its own.
+    fn resolve(&self, referrer: Option<&Path>, name: &str, what: &str) -> Result<Resolved> {
+        match self.remote_url(referrer) {
+            Some(base) => {
+                source::url::resolve_reference(self.options.references, &base, name, what).map(Resolved::Remote)
+            }
+            None => policy::resolve(self.options.references, referrer, name, what).map(Resolved::Local),
+        }
+    }
+
+    /// Open what [`OpenContext::resolve`] found.
+    fn open_resolved(&mut self, target: Resolved, what: &str) -> Result<OpenedSource> {
+        match target {
+            Resolved::Remote(url) => self.open_remote(&url),
+            Resolved::Local(path) => {
+                let (src, id) = open_source(&path, what)?;
+                Ok((src, path, id))
+            }
+        }
+    }
+
+    /// Open the object at `url`; it is shown (in messages, `info`, extents) as its redacted URL.
+    fn open_remote(&mut self, url: &str) -> Result<OpenedSource> {
+        let src = Arc::new(HttpSource::open(url, &self.options.http)?);
+        let shown = PathBuf::from(src.shown_url());
+        self.remote.push((shown.clone(), src.clone()));
+        Ok((src, shown, source::url::pseudo_id(url)))
+    }
+
     /// Open `name`, found in the image at `referrer`, as a plain file (a qcow2 data file, a VMDK
     /// flat extent), under the reference policy.
     pub(crate) fn open_reference_file(
@@ -302,8 +345,8 @@ impl<'a> OpenContext<'a> {
         name: &str,
         what: &str,
     ) -> Result<(FileId, Arc<dyn ReadAt>, PathBuf)> {
-        let path = policy::resolve(self.options.references, referrer, name, what)?;
-        let (src, id) = open_source(&path, what)?;
+        let target = self.resolve(referrer, name, what)?;
+        let (src, path, id) = self.open_resolved(target, what)?;
         let file = self.add_file(src.clone(), Some(path.clone()), Some(id));
         Ok((file, src, path))
     }
@@ -317,14 +360,15 @@ impl<'a> OpenContext<'a> {
         what: &str,
         format: Option<Format>,
     ) -> Result<Layer> {
-        let path = policy::resolve(self.options.references, referrer, name, what)?;
+        let target = self.resolve(referrer, name, what)?;
         let max = self.options.limits.max_chain_depth;
         if self.chain.len() >= max as usize {
             return Err(Error::limit(format!(
-                "{what} '{name}' would make the chain deeper than the limit of {max} images (raise max_chain_depth / --max-chain-depth)"
+                "{what} '{}' would make the chain deeper than the limit of {max} images (raise max_chain_depth / --max-chain-depth)",
+                source::redact_url(name)
             )));
         }
-        let (src, id) = open_source(&path, what)?;
+        let (src, path, id) = self.open_resolved(target, what)?;
         if self.chain.contains(&id) {
             return Err(Error::invalid(format!(
                 "{what} '{name}' ({}) is already in the chain: the references form a loop",
@@ -345,6 +389,17 @@ impl<'a> OpenContext<'a> {
         entry.src = src;
         Ok(())
     }
+}
+
+/// A source opened for an image: the bytes, the path it is shown as, its (device, inode) or
+/// stand-in.
+type OpenedSource = (Arc<dyn ReadAt>, PathBuf, (u64, u64));
+
+/// Where a reference resolved to.
+#[derive(Debug)]
+enum Resolved {
+    Local(PathBuf),
+    Remote(String),
 }
 
 /// Open `path` read-only as a source, refusing what is not a regular file or block device.
@@ -439,6 +494,11 @@ pub struct Image {
 
 impl Image {
     /// Open the image at `path` and everything it references that `options` allows.
+    ///
+    /// A `path` whose text starts with `http://` or `https://` is read over HTTP with range
+    /// requests (see [`HttpOptions`]); the image is then shown everywhere (messages, `info`,
+    /// [`Image::path`]) by its URL with any secret replaced by `...`, and the names it gives to
+    /// other objects resolve against its URL, never to local files.
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
         Self::open_inner(path.as_ref(), options, false)
     }
@@ -453,9 +513,9 @@ impl Image {
     /// Check the image at `path` (as `qemu-img check` does): its own metadata only, without
     /// opening its references.
     pub fn check_file(path: impl AsRef<Path>, options: &OpenOptions) -> Result<CheckReport> {
-        let path = path.as_ref();
-        let image = Self::open_inner(path, options, true)?;
-        image.check().map_err(|e| e.in_file(path))
+        let image = Self::open_inner(path.as_ref(), options, true)?;
+        let shown = image.path.clone().unwrap_or_default();
+        image.check().map_err(|e| e.in_file(&shown))
     }
 
     /// Open an image held in memory (or any [`ReadAt`] source); it may reference no other file.
@@ -474,13 +534,19 @@ impl Image {
 
     fn open_inner(path: &Path, options: &OpenOptions, describe_only: bool) -> Result<Image> {
         let mut ctx = OpenContext::new(options, describe_only);
-        let (src, id) = open_source(path, "image")?;
+        let (src, path, id) = match path.to_str().filter(|s| source::is_url(s)) {
+            Some(url) => ctx.open_remote(url)?,
+            None => {
+                let (src, id) = open_source(path, "image")?;
+                (src, path.to_path_buf(), id)
+            }
+        };
         let (top, container) =
-            Self::open_top(&mut ctx, src, Some(path.to_path_buf()), Some(id)).map_err(|e| e.in_file(path))?;
+            Self::open_top(&mut ctx, src, Some(path.clone()), Some(id)).map_err(|e| e.in_file(&path))?;
         Ok(Image {
             top,
             files: ctx.files,
-            path: Some(path.to_path_buf()),
+            path: Some(path),
             max_unit_bytes: options.limits.max_unit_bytes,
             max_metadata_bytes: options.limits.max_metadata_bytes,
             container,
@@ -594,8 +660,12 @@ impl Image {
     /// What `qemu-img info` reports, with the same keys.
     pub fn info(&self) -> ImageInfo {
         let filename = self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-        let actual_size =
-            self.path.as_ref().and_then(|p| std::fs::metadata(p).ok()).map(|m| m.blocks().saturating_mul(512));
+        let actual_size = self
+            .path
+            .as_ref()
+            .filter(|p| !p.to_str().is_some_and(source::is_url))
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.blocks().saturating_mul(512));
         let mut info = ImageInfo::new(filename, self.format(), self.virtual_size(), actual_size);
         match &self.container {
             Some(c) => c.describe(&mut info, &self.top),

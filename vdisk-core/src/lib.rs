@@ -42,6 +42,7 @@ mod io;
 mod limits;
 mod policy;
 mod probe;
+mod source;
 mod verify;
 
 pub use copy::{
@@ -50,7 +51,7 @@ pub use copy::{
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_ITEM_SIZE,
 };
 pub use decompress::ReadScratch;
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, RemoteFailure, Result};
 pub use extent::{CompressedUnit, Compression, Extent, ExtentKind, FileId, Location};
 pub use image::{Extents, Image, OpenOptions};
 pub use info::{CheckProblem, CheckReport, ImageInfo, SnapshotInfo};
@@ -58,6 +59,7 @@ pub use io::{MemSource, ReadAt};
 pub use limits::Limits;
 pub use policy::ReferencePolicy;
 pub use probe::Format;
+pub use source::{is_url, redact_url, HttpOptions, HttpSource, UrlRefresh};
 pub use verify::{
     checksum, compare, Checksum, ChecksumAlgorithm, ChecksumOptions, CompareError, CompareOptions, CompareStage,
     Comparison, Difference, BLKHASH_BLOCK_SIZE,

@@ -94,5 +94,11 @@ pub(crate) fn open_options(
                 .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("disk must be 1 or more, not {d}")))
         })
         .transpose()?;
-    Ok(OpenOptions { format, references, limits: limits.map(Limits::to_core).unwrap_or_default(), disk })
+    Ok(OpenOptions {
+        format,
+        references,
+        limits: limits.map(Limits::to_core).unwrap_or_default(),
+        disk,
+        ..OpenOptions::default()
+    })
 }

@@ -36,6 +36,13 @@ pub(super) fn open_parent(
 ) -> Result<(Layer, String)> {
     let uuid = uuid_string(&linkage);
     let policy = ctx.options.references;
+    if policy != ReferencePolicy::Deny && ctx.remote_url(referrer).is_some() {
+        // The parent is found by listing the child's directory, which HTTP cannot do.
+        return Err(Error::new(
+            ErrorKind::ReferenceDenied,
+            format!("{WHAT} {{{uuid}}} is not opened: a differencing VDI read over HTTP cannot search its directory for the parent"),
+        ));
+    }
     let Some(referrer) = referrer.filter(|_| policy != ReferencePolicy::Deny) else {
         // The gate's own refusal, with the option that would allow it.
         let label = format!("{{{uuid}}}");
