@@ -108,6 +108,23 @@ fn presets_choose_the_format() {
     let out = dir.path().join("oci.qcow2");
     ok(&vd(&[&"convert", &"--preset", &"oci", &"-O", &"qcow2", &src, &out]));
     assert_qcow2_good(&src, &out);
+    for preset in ["esxi", "aws", "oci"] {
+        let out = dir.path().join(format!("{preset}.vmdk"));
+        ok(&vd(&[&"convert", &"--preset", &preset, &"-c", &src, &out]));
+        let check = qemu(&[&"check", &"-f", &"vmdk", &out]);
+        assert!(check.status.success(), "{preset}: {}", String::from_utf8_lossy(&check.stdout));
+        let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", &"vmdk", &src, &out]);
+        assert!(cmp.status.success(), "{preset}: {}", String::from_utf8_lossy(&cmp.stdout));
+        let head = std::fs::read(&out).unwrap();
+        assert_eq!(&head[0..4], b"KDMV");
+        assert_eq!(u32::from_le_bytes(head[8..12].try_into().unwrap()), 0x30001, "{preset}: stream flags");
+        let text = String::from_utf8_lossy(&head[512..512 * 21]).into_owned();
+        assert!(text.contains("createType=\"streamOptimized\"") && text.contains("ddb.adapterType = \"lsilogic\""));
+    }
+    // -c is refused where the VMDK subformat cannot compress.
+    let refused =
+        vd(&[&"convert", &"-O", &"vmdk", &"-c", &"-o", &"subformat=monolithicSparse", &src, &dir.path().join("y")]);
+    assert_clean_error(&refused, 1, "-c with monolithicSparse");
     // A format the preset does not allow is refused, naming what it allows.
     let refused = vd(&[&"convert", &"--preset", &"openstack", &"-O", &"vmdk", &src, &dir.path().join("x")]);
     assert_clean_error(&refused, 1, "preset with the wrong format");

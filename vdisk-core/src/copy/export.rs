@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -23,6 +23,7 @@ use crate::decompress::ReadScratch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
 use crate::formats::qcow2::write as qcow2;
+use crate::formats::vmdk::write as vmdk;
 use crate::image::Image;
 
 /// An output format (`-O`), by qemu-img's names.
@@ -209,6 +210,7 @@ pub fn parse_option_pairs(text: &str) -> Result<Vec<(String, String)>> {
 #[derive(Clone, Debug)]
 enum Writer {
     Qcow2(qcow2::Qcow2Options),
+    Vmdk(vmdk::VmdkOptions),
 }
 
 impl Writer {
@@ -221,8 +223,17 @@ impl Writer {
                 o.compress = compress;
                 Ok(Writer::Qcow2(o))
             }
+            OutputFormat::Vmdk => {
+                let o = vmdk::VmdkOptions::from_pairs(pairs)?;
+                if compress && !o.compresses() {
+                    return Err(option_error(
+                        "-c (compression) needs subformat=streamOptimized for vmdk (other VMDK subformats store grains as they are)",
+                    ));
+                }
+                Ok(Writer::Vmdk(o))
+            }
             OutputFormat::Raw => Err(option_error("raw output is written by convert, not export")),
-            OutputFormat::Vmdk | OutputFormat::Vpc | OutputFormat::Vhdx => {
+            OutputFormat::Vpc | OutputFormat::Vhdx => {
                 if compress {
                     return Err(no_compression());
                 }
@@ -234,12 +245,21 @@ impl Writer {
     fn create(&self, file: File, size: u64) -> Result<Box<dyn FormatWriter>> {
         match self {
             Writer::Qcow2(o) => qcow2::create(file, size, o),
+            Writer::Vmdk(o) => vmdk::create(file, size, o),
         }
     }
 
     fn measure(&self, size: u64, allocated: &super::writer::Allocated<'_>) -> Result<Measure> {
         match self {
             Writer::Qcow2(o) => qcow2::measure(size, allocated, o),
+            Writer::Vmdk(o) => vmdk::measure(size, allocated, o),
+        }
+    }
+
+    /// Tell the writer the output's file name (a VMDK descriptor names its extent).
+    fn set_file_name(&mut self, name: &str) {
+        if let Writer::Vmdk(o) = self {
+            o.file_name = name.to_string();
         }
     }
 }
@@ -360,7 +380,7 @@ pub fn export(image: &Image, target: impl AsRef<Path>, options: &ExportOptions<'
         ));
     }
     let size = image.virtual_size();
-    let writer_options = Writer::parse(options.format, &options.options, options.compress)?;
+    let mut writer_options = Writer::parse(options.format, &options.options, options.compress)?;
     let shown = target.display();
     match std::fs::metadata(target) {
         Ok(meta) => {
@@ -387,6 +407,16 @@ pub fn export(image: &Image, target: impl AsRef<Path>, options: &ExportOptions<'
         .ok_or_else(|| Error::target(format!("target {shown} does not name a file")))?
         .to_string_lossy()
         .into_owned();
+    writer_options.set_file_name(&name);
+    // A descriptor-plus-data output also replaces NAME-flat.vmdk: never a source file.
+    if let Ok(meta) = std::fs::metadata(dir.join(data_file_name(&name))) {
+        if image.file_ids().any(|id| id == (meta.dev(), meta.ino())) {
+            return Err(Error::target(format!(
+                "the output's data file {} would replace a file of the source image",
+                data_file_name(&name)
+            )));
+        }
+    }
     if options.check_space {
         let need = writer_options.measure(size, &|unit| allocated_units(image, unit))?.required;
         if let Some(free) = free_space(&dir) {
@@ -408,8 +438,28 @@ pub fn export(image: &Image, target: impl AsRef<Path>, options: &ExportOptions<'
         Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
     execute(image, writer.as_ref(), threads, &counters, &reporting)?;
     let length = writer.finish()?;
-    std::fs::rename(&temp, target).map_err(|e| Error::io(format!("renaming the output to {shown}"), e))?;
-    guard.disarm();
+    let data_name = data_file_name(&name);
+    match writer.descriptor(&data_name) {
+        None => {
+            std::fs::rename(&temp, target).map_err(|e| Error::io(format!("renaming the output to {shown}"), e))?;
+            guard.disarm();
+        }
+        Some(text) => {
+            // The data file goes beside the target, then the descriptor that names it.
+            let data_path = dir.join(&data_name);
+            let (desc_temp, desc_file) = create_temp(&dir, &name)?;
+            let desc_guard = TempGuard(Some(desc_temp.clone()));
+            desc_file
+                .write_all_at(text.as_bytes(), 0)
+                .and_then(|()| desc_file.sync_all())
+                .map_err(|e| Error::io(format!("writing the descriptor {}", desc_temp.display()), e))?;
+            std::fs::rename(&temp, &data_path)
+                .map_err(|e| Error::io(format!("renaming the output to {}", data_path.display()), e))?;
+            guard.disarm();
+            std::fs::rename(&desc_temp, target).map_err(|e| Error::io(format!("renaming the output to {shown}"), e))?;
+            desc_guard.disarm();
+        }
+    }
     if let Ok(d) = File::open(&dir) {
         // The rename is durable once the directory is; a failure here loses nothing written.
         let _ = d.sync_all();
@@ -426,6 +476,15 @@ pub fn export(image: &Image, target: impl AsRef<Path>, options: &ExportOptions<'
         already_complete: false,
         output_length: Some(length),
     })
+}
+
+/// The data file of a descriptor-plus-data output: `NAME-flat.vmdk` for `NAME.vmdk` (VMware's
+/// naming), `NAME-flat` otherwise.
+fn data_file_name(name: &str) -> String {
+    match name.strip_suffix(".vmdk") {
+        Some(stem) if !stem.is_empty() => format!("{stem}-flat.vmdk"),
+        _ => format!("{name}-flat"),
+    }
 }
 
 /// Free bytes for an unprivileged writer on the file system holding `dir` (`None` when unknown).

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 pub(crate) use engine::is_zero;
+pub(crate) use export::random_u64;
 pub use export::{export, measure, measure_size, parse_option_pairs, ExportOptions, OutputFormat, Preset};
 pub(crate) use sink::TargetIdentity;
 pub use sink::TargetKind;

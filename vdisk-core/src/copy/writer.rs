@@ -53,6 +53,14 @@ pub(crate) trait FormatWriter: Send + Sync + std::fmt::Debug {
     /// Write the metadata, sync, and return the file's length. Called once, after all items.
     fn finish(&self) -> Result<u64>;
 
+    /// For a format whose data lives in a separate file named by a text descriptor (VMDK
+    /// monolithicFlat): the descriptor, naming the data file `data_name`. The export then keeps
+    /// this writer's file as `data_name` beside the target and writes the descriptor under the
+    /// target's name. Called after `finish`.
+    fn descriptor(&self, _data_name: &str) -> Option<String> {
+        None
+    }
+
     /// The export is stopping on an error or a cancellation: release every thread waiting in
     /// `write` or `zero` for an earlier item (they return an error). Ordered writers need this;
     /// for the others it does nothing.
