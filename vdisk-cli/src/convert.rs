@@ -1,10 +1,11 @@
-//! `vdisk convert`: write an image's guest content to a raw file or block device.
+//! `vdisk convert`: write an image's guest content to a raw file or block device, or export it as
+//! a qcow2, VMDK, VHD or VHDX image (`-O`, `-o`, `-c`, `--preset`).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args as ClapArgs, ValueEnum};
-use vdisk_core::{convert, ConvertOptions, Image};
+use vdisk_core::{convert, export, ConvertOptions, ExportOptions, Image};
 
 use crate::common::{OpenArgs, OutputArg};
 use crate::progress::ProgressPrinter;
@@ -19,22 +20,124 @@ enum CacheMode {
     Unsafe,
 }
 
-/// Output formats: vdisk writes raw content; `host_device` additionally requires a block device.
+/// Output formats (qemu-img's names): raw content (`host_device` additionally requires a block
+/// device), or an image format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
-enum OutputFormat {
+pub(crate) enum OutputFormat {
     #[default]
     Raw,
     #[value(name = "host_device")]
     HostDevice,
+    Qcow2,
+    Vmdk,
+    /// VHD (alias vhd).
+    #[value(alias = "vhd")]
+    Vpc,
+    Vhdx,
+}
+
+impl OutputFormat {
+    /// The library's format; `None` for raw content (written by `convert`).
+    pub(crate) fn image_format(self) -> Option<vdisk_core::OutputFormat> {
+        match self {
+            OutputFormat::Raw | OutputFormat::HostDevice => None,
+            OutputFormat::Qcow2 => Some(vdisk_core::OutputFormat::Qcow2),
+            OutputFormat::Vmdk => Some(vdisk_core::OutputFormat::Vmdk),
+            OutputFormat::Vpc => Some(vdisk_core::OutputFormat::Vpc),
+            OutputFormat::Vhdx => Some(vdisk_core::OutputFormat::Vhdx),
+        }
+    }
+}
+
+/// `--preset`: the platform the output is for; each picks the format and options it accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PresetArg {
+    /// Microsoft Azure: fixed VHD (-O vpc -o subformat=fixed), virtual size a whole MiB.
+    Azure,
+    /// VMware ESXi / vSphere / OVF: streamOptimized VMDK (subformat=streamOptimized,adapter_type=lsilogic).
+    Esxi,
+    /// Microsoft Hyper-V: dynamic VHDX (-O vhdx -o subformat=dynamic), 32 MiB blocks.
+    Hyperv,
+    /// Oracle Cloud: streamOptimized VMDK, or with -O qcow2 an uncompressed qcow2 v3.
+    Oci,
+    /// AWS VM Import: streamOptimized VMDK (subformat=streamOptimized,adapter_type=lsilogic).
+    Aws,
+    /// OpenStack: qcow2 v3 (-O qcow2 -o compat=1.1).
+    Openstack,
+}
+
+impl From<PresetArg> for vdisk_core::Preset {
+    fn from(p: PresetArg) -> Self {
+        match p {
+            PresetArg::Azure => vdisk_core::Preset::Azure,
+            PresetArg::Esxi => vdisk_core::Preset::Esxi,
+            PresetArg::Hyperv => vdisk_core::Preset::Hyperv,
+            PresetArg::Oci => vdisk_core::Preset::Oci,
+            PresetArg::Aws => vdisk_core::Preset::Aws,
+            PresetArg::Openstack => vdisk_core::Preset::Openstack,
+        }
+    }
+}
+
+/// An image output format and its `-o` pairs.
+pub(crate) type ImageOutput = (vdisk_core::OutputFormat, Vec<(String, String)>);
+
+/// The output format and `-o` pairs from `-O`, `-o` and `--preset`: `None` for raw content.
+pub(crate) fn resolve_output(
+    format: Option<OutputFormat>,
+    options: &[String],
+    preset: Option<PresetArg>,
+) -> vdisk_core::Result<Option<ImageOutput>> {
+    let mut pairs = Vec::new();
+    for o in options {
+        pairs.extend(vdisk_core::parse_option_pairs(o)?);
+    }
+    let image_format = match format {
+        Some(f) => match f.image_format() {
+            Some(f) => Some(f),
+            None if preset.is_some() => {
+                return Err(vdisk_core::Error::target("--preset writes an image format, not raw content"))
+            }
+            None => None,
+        },
+        None => None,
+    };
+    match preset {
+        Some(p) => Ok(Some(vdisk_core::Preset::from(p).resolve(image_format, &pairs)?)),
+        None => match image_format {
+            Some(f) => Ok(Some((f, pairs))),
+            None if pairs.is_empty() => Ok(None),
+            None => {
+                Err(vdisk_core::Error::target("-o options need an image output format (-O qcow2, vmdk, vpc or vhdx)"))
+            }
+        },
+    }
 }
 
 #[derive(ClapArgs, Debug)]
 pub struct Args {
     #[command(flatten)]
     open: OpenArgs,
-    /// Output format: raw (file or device) or host_device (block device only).
-    #[arg(short = 'O', value_enum, default_value = "raw", value_name = "FMT")]
-    output_format: OutputFormat,
+    /// Output format: raw (file or device, the default), host_device (block device only), or an
+    /// image: qcow2, vmdk, vpc (VHD), vhdx.
+    #[arg(short = 'O', value_enum, value_name = "FMT")]
+    output_format: Option<OutputFormat>,
+    /// Options of the output format, qemu-img's names: KEY=VALUE[,KEY=VALUE...] (compat,
+    /// cluster_size, compression_type, subformat, adapter_type, hwversion, force_size, block_size,
+    /// log_size, block_state_zero, preallocation). May be repeated.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Compress the output (qcow2 clusters; a streamOptimized VMDK is always compressed).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Write what a platform accepts: picks the output format and its options (-o still
+    /// overrides an option).
+    #[arg(long, value_enum, value_name = "PLATFORM")]
+    preset: Option<PresetArg>,
+    /// Do not refuse when the target's file system has less free space than `vdisk measure`
+    /// computes (a compressed output is usually much smaller).
+    #[arg(long)]
+    no_space_check: bool,
     /// Show progress (a bar on a terminal, periodic lines otherwise).
     #[arg(short = 'p')]
     progress: bool,
@@ -97,6 +200,12 @@ pub(crate) fn install_sigint_handler() {
 }
 
 pub fn run(args: Args) -> vdisk_core::Result<u8> {
+    if let Some((format, options)) = resolve_output(args.output_format, &args.options, args.preset)? {
+        return run_export(&args, format, options);
+    }
+    if args.compress {
+        return Err(vdisk_core::Error::target("-c needs an image output format (-O qcow2 or vmdk)"));
+    }
     let image = Image::open(&args.src, &args.open.options())?;
     install_sigint_handler();
     let printer = args.progress.then(ProgressPrinter::new);
@@ -109,7 +218,7 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
         threads: args.threads.map(usize::from),
         target_is_zero: args.target_is_zero,
         must_exist: args.no_create,
-        require_device: args.output_format == OutputFormat::HostDevice,
+        require_device: args.output_format == Some(OutputFormat::HostDevice),
         direct_io: args.cache == CacheMode::None,
         item_size: args.item_size.unwrap_or(vdisk_core::DEFAULT_ITEM_SIZE),
         progress: Some(&callback),
@@ -171,6 +280,65 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
             }
             println!("{out}");
         }
+    }
+    Ok(0)
+}
+
+/// `convert -O qcow2|vmdk|vpc|vhdx`: export through the format's writer.
+fn run_export(args: &Args, format: vdisk_core::OutputFormat, options: Vec<(String, String)>) -> vdisk_core::Result<u8> {
+    let raw_only = [
+        (args.no_create, "-n"),
+        (args.target_is_zero, "--target-is-zero"),
+        (args.checksum, "--checksum"),
+        (args.journal.is_some(), "--journal"),
+        (args.cache == CacheMode::None, "-t none"),
+    ];
+    if let Some((_, flag)) = raw_only.iter().find(|(set, _)| *set) {
+        return Err(vdisk_core::Error::target(format!(
+            "{flag} applies to raw output only, not to -O {}",
+            format.as_str()
+        )));
+    }
+    let image = Image::open(&args.src, &args.open.options())?;
+    install_sigint_handler();
+    let printer = args.progress.then(ProgressPrinter::new);
+    let callback = |done: u64, total: u64| {
+        if let Some(p) = &printer {
+            p.update(done, total);
+        }
+    };
+    let opts = ExportOptions {
+        format,
+        options,
+        compress: args.compress,
+        threads: args.threads.map(usize::from),
+        progress: Some(&callback),
+        cancel: Some(&INTERRUPTED),
+        check_space: !args.no_space_check,
+        ..ExportOptions::default()
+    };
+    let result = export(&image, &args.dst, &opts);
+    if let Some(p) = &printer {
+        p.finish();
+    }
+    let report = result.map_err(|e| match e.kind() {
+        vdisk_core::ErrorKind::Cancelled => vdisk_core::Error::new(
+            vdisk_core::ErrorKind::Cancelled,
+            format!("interrupted; {} was not written", args.dst.display()),
+        ),
+        _ => e,
+    })?;
+    if args.output == OutputArg::Json {
+        let out = serde_json::json!({
+            "virtual-size": report.virtual_size,
+            "format": format.as_str(),
+            "file-length": report.output_length,
+            "bytes-written": report.bytes_written,
+            "seconds": report.seconds,
+            "threads": report.threads,
+            "target": report.target.as_str(),
+        });
+        println!("{out}");
     }
     Ok(0)
 }

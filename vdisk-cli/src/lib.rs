@@ -17,6 +17,7 @@ mod compare;
 mod convert;
 mod info;
 mod map;
+mod measure;
 mod progress;
 
 use std::io::Write;
@@ -53,8 +54,11 @@ enum Command {
     Info(info::Args),
     /// Show how the virtual disk maps to stored data (qemu-img map compatible).
     Map(map::Args),
-    /// Write the guest content to a raw file or block device (qemu-img convert compatible).
+    /// Write the guest content to a raw file or block device, or export it as a qcow2, VMDK,
+    /// VHD or VHDX image (qemu-img convert compatible).
     Convert(convert::Args),
+    /// The size an output image needs (qemu-img measure compatible).
+    Measure(measure::Args),
     /// Check an image's metadata for corruptions and leaks (qemu-img check compatible).
     Check(check::Args),
     /// Print a digest of each image's guest content, the same for every format (blkhash).
@@ -104,6 +108,7 @@ where
         Command::Info(a) => info::run(a),
         Command::Map(a) => map::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Measure(a) => measure::run(a),
         Command::Check(a) => check::run(a),
         Command::Checksum(a) => checksum::run(a),
         Command::Compare(a) => compare::run(a),

@@ -38,7 +38,7 @@ fn write_pattern(path: &Path, len: usize) -> Vec<u8> {
 fn usage_errors_exit_2_with_one_line() {
     let out = run(&[&"info", &"--bogus", &"x"]);
     assert_clean_error(&out, 2, "unknown option");
-    let out = run(&[&"convert", &"-O", &"qcow2", &"a", &"b"]);
+    let out = run(&[&"convert", &"-O", &"qed", &"a", &"b"]);
     assert_clean_error(&out, 2, "unsupported output format");
     let out = run(&[&"--version"]);
     assert!(out.status.success());

@@ -46,7 +46,8 @@ mod source;
 mod verify;
 
 pub use copy::{
-    convert, default_threads, ConvertOptions, ConvertReport, Progress, TargetKind, DEFAULT_CHECKPOINT_BYTES,
+    convert, default_threads, export, measure, measure_size, parse_option_pairs, ConvertOptions, ConvertReport,
+    ExportOptions, Measure, OutputFormat, Preset, Progress, TargetKind, DEFAULT_CHECKPOINT_BYTES,
     DEFAULT_CHECKPOINT_INTERVAL, DEFAULT_ITEM_SIZE,
 };
 pub use decompress::ReadScratch;

@@ -1,12 +1,12 @@
 //! Converting an image to a raw file or block device: plan -> execute -> sink.
 
 mod engine;
+mod export;
 pub(crate) mod observer;
 mod plan;
 mod sink;
 mod stream;
-// The export contract; its implementations arrive with the writers.
-#[allow(dead_code)]
+// The export contract, implemented by each format's write.rs.
 pub(crate) mod writer;
 
 use std::path::Path;
@@ -14,8 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 pub(crate) use engine::is_zero;
+pub(crate) use export::random_u64;
+pub use export::{export, measure, measure_size, parse_option_pairs, ExportOptions, OutputFormat, Preset};
 pub(crate) use sink::TargetIdentity;
 pub use sink::TargetKind;
+pub use writer::Measure;
 
 use crate::error::{Error, Result};
 use crate::image::Image;
@@ -138,6 +141,8 @@ pub struct ConvertReport {
     pub checksum: Option<String>,
     /// The journal recorded the conversion as complete: nothing was written.
     pub already_complete: bool,
+    /// The length of the image file written, for an export to an image format; `None` for raw.
+    pub output_length: Option<u64>,
 }
 
 /// The number of threads `threads: None` means: every core this process may use.
@@ -203,6 +208,7 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
         bytes_skipped: counters.skipped.load(Relaxed),
         checksum,
         already_complete,
+        output_length: None,
     };
     let counters = engine::Counters::default();
     let already_complete = journal.as_ref().and_then(|j| j.complete()).cloned();

@@ -52,15 +52,28 @@ pub(crate) trait FormatWriter: Send + Sync + std::fmt::Debug {
 
     /// Write the metadata, sync, and return the file's length. Called once, after all items.
     fn finish(&self) -> Result<u64>;
+
+    /// For a format whose data lives in a separate file named by a text descriptor (VMDK
+    /// monolithicFlat): the descriptor, naming the data file `data_name`. The export then keeps
+    /// this writer's file as `data_name` beside the target and writes the descriptor under the
+    /// target's name. Called after `finish`.
+    fn descriptor(&self, _data_name: &str) -> Option<String> {
+        None
+    }
+
+    /// The export is stopping on an error or a cancellation: release every thread waiting in
+    /// `write` or `zero` for an earlier item (they return an error). Ordered writers need this;
+    /// for the others it does nothing.
+    fn abort(&self) {}
 }
 
 /// What `vdisk measure` prints for one output format (qemu-img measure's keys).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Measure {
+pub struct Measure {
     /// Bytes the output file needs for this source (`required`).
-    pub(crate) required: u64,
+    pub required: u64,
     /// Bytes the output file needs when every block of the disk is allocated (`fully-allocated`).
-    pub(crate) fully_allocated: u64,
+    pub fully_allocated: u64,
 }
 
 /// How much of the source holds data, at a granularity the writer chooses: called with a power of
@@ -71,4 +84,56 @@ pub(crate) type Allocated<'a> = dyn Fn(u64) -> Result<u64> + 'a;
 /// An invalid `-o` option or combination: the message names the key and what is allowed.
 pub(crate) fn option_error(message: impl Into<String>) -> Error {
     Error::target(message)
+}
+
+/// A size option the way qemu-img reads it: a number of bytes with an optional suffix
+/// `k`/`K`, `M`, `G`, `T` (binary multiples) or `B`/`b` (bytes), e.g. `64k`, `2M`, `65536`.
+pub(crate) fn parse_size(key: &str, value: &str) -> Result<u64> {
+    let bad =
+        || option_error(format!("invalid size {value:?} for option {key} (a number of bytes, or with k, M, G or T)"));
+    let v = value.trim();
+    let (digits, shift) = match v.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c {
+                'b' | 'B' => 0,
+                'k' | 'K' => 10,
+                'm' | 'M' => 20,
+                'g' | 'G' => 30,
+                't' | 'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&v[..i], shift)
+        }
+        _ => (v, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// A boolean option the way qemu-img reads it: `on`/`off` (also `true`/`false`, `yes`/`no`).
+pub(crate) fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(option_error(format!("invalid value {value:?} for option {key} (on or off)"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_bools_parse_like_qemu() {
+        assert_eq!(parse_size("cluster_size", "64k").unwrap(), 65536);
+        assert_eq!(parse_size("cluster_size", "2M").unwrap(), 2 << 20);
+        assert_eq!(parse_size("cluster_size", "512").unwrap(), 512);
+        assert_eq!(parse_size("cluster_size", "512B").unwrap(), 512);
+        assert!(parse_size("cluster_size", "64q").is_err());
+        assert!(parse_size("cluster_size", "").is_err());
+        assert!(parse_size("cluster_size", "99999999999T").is_err());
+        assert!(parse_bool("force_size", "on").unwrap());
+        assert!(!parse_bool("force_size", "off").unwrap());
+        assert!(parse_bool("force_size", "maybe").is_err());
+    }
 }

@@ -14,6 +14,7 @@ mod error;
 mod header;
 mod snapshot;
 mod tables;
+pub(crate) mod write;
 
 use std::fmt;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! entries of dynamic and differencing disks.
 
 use zerocopy::big_endian::{U32, U64};
-use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::error::VhdError;
 use super::footer::checksum;
@@ -11,10 +11,10 @@ use super::footer::checksum;
 pub(super) const HEADER_SIZE: u64 = 1024;
 
 /// The dynamic header's cookie.
-const HEADER_MAGIC: [u8; 8] = *b"cxsparse";
+pub(super) const HEADER_MAGIC: [u8; 8] = *b"cxsparse";
 
 /// Byte range of the checksum field in the dynamic header.
-const HEADER_CHECKSUM_FIELD: std::ops::Range<usize> = 36..40;
+pub(super) const HEADER_CHECKSUM_FIELD: std::ops::Range<usize> = 36..40;
 
 /// A BAT entry for a block that is not allocated.
 pub(super) const UNALLOCATED: u32 = u32::MAX;
@@ -31,53 +31,53 @@ const MIN_BLOCK_SIZE: u32 = 512;
 pub(super) const MAX_BLOCK_SIZE: u32 = 256 << 20;
 
 /// The dynamic disk header as stored (big-endian).
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawHeader {
+pub(super) struct RawHeader {
     /// `cxsparse`.
-    cookie: [u8; 8],
+    pub(super) cookie: [u8; 8],
     /// Unused, all ones.
-    data_offset: U64,
+    pub(super) data_offset: U64,
     /// Offset of the block allocation table.
-    table_offset: U64,
+    pub(super) table_offset: U64,
     /// Header version, 0x00010000.
-    header_version: U32,
+    pub(super) header_version: U32,
     /// Entries in the BAT.
-    max_table_entries: U32,
+    pub(super) max_table_entries: U32,
     /// Bytes of guest data per block (a power of two; 2 MiB by default).
-    block_size: U32,
+    pub(super) block_size: U32,
     /// One's complement of the byte sum of the header with this field zero.
-    checksum: U32,
+    pub(super) checksum: U32,
     /// Unique id of the parent (differencing disks).
-    parent_uuid: [u8; 16],
+    pub(super) parent_uuid: [u8; 16],
     /// Parent's modification time, seconds since 2000-01-01 UTC.
-    parent_timestamp: U32,
+    pub(super) parent_timestamp: U32,
     /// Zero.
-    reserved1: U32,
+    pub(super) reserved1: U32,
     /// Parent file name, UTF-16BE, NUL-padded.
-    parent_name: [u8; 512],
+    pub(super) parent_name: [u8; 512],
     /// Where to find the parent on each platform.
-    locators: [RawLocator; 8],
+    pub(super) locators: [RawLocator; 8],
     /// Zeros.
-    reserved2: [u8; 256],
+    pub(super) reserved2: [u8; 256],
 }
 
 const _: () = assert!(size_of::<RawHeader>() == 1024);
 
 /// One parent locator entry as stored.
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawLocator {
+pub(super) struct RawLocator {
     /// Platform code (`W2ru`, `W2ku`, `Wi2r`, `Wi2k`, `MacX`, `Mac `), zero when unused.
-    platform_code: [u8; 4],
+    pub(super) platform_code: [u8; 4],
     /// Sectors reserved for the locator data.
-    data_space: U32,
+    pub(super) data_space: U32,
     /// Bytes of locator data.
-    data_length: U32,
+    pub(super) data_length: U32,
     /// Zero.
-    reserved: U32,
+    pub(super) reserved: U32,
     /// Offset of the locator data in the file.
-    data_offset: U64,
+    pub(super) data_offset: U64,
 }
 
 const _: () = assert!(size_of::<RawLocator>() == 24);

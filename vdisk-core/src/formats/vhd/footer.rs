@@ -2,7 +2,7 @@
 //! and differencing disks), its checksum, and the virtual-size rule.
 
 use zerocopy::big_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Size of the footer and of its copy at offset 0.
 pub(super) const FOOTER_SIZE: u64 = 512;
@@ -18,48 +18,48 @@ const MAX_GEOMETRY: Geometry = Geometry { cylinders: 65535, heads: 16, sectors: 
 const CHS_CREATORS: [[u8; 4]; 2] = [*b"vpc ", *b"qemu"];
 
 /// Byte range of the checksum field in the footer.
-const FOOTER_CHECKSUM_FIELD: std::ops::Range<usize> = 64..68;
+pub(super) const FOOTER_CHECKSUM_FIELD: std::ops::Range<usize> = 64..68;
 
 /// The footer as stored on disk (all fields big-endian).
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawFooter {
+pub(super) struct RawFooter {
     /// `conectix`.
-    cookie: [u8; 8],
+    pub(super) cookie: [u8; 8],
     /// Feature bits (0x1 temporary, 0x2 reserved and always set).
-    features: U32,
+    pub(super) features: U32,
     /// File format version, 0x00010000.
-    format_version: U32,
+    pub(super) format_version: U32,
     /// Offset of the dynamic disk header; all ones for fixed disks.
-    data_offset: U64,
+    pub(super) data_offset: U64,
     /// Creation time, seconds since 2000-01-01 00:00:00 UTC.
-    timestamp: U32,
+    pub(super) timestamp: U32,
     /// Four characters naming the program that created the image (`win `, `vpc `, `qemu`, ...).
-    creator_app: [u8; 4],
+    pub(super) creator_app: [u8; 4],
     /// Creator version, major in the high 16 bits, minor in the low 16 bits.
-    creator_version: U32,
+    pub(super) creator_version: U32,
     /// Host OS of the creator (`Wi2k`, `Mac `).
-    creator_host: [u8; 4],
+    pub(super) creator_host: [u8; 4],
     /// Size of the disk at creation, bytes.
-    original_size: U64,
+    pub(super) original_size: U64,
     /// Current size of the disk, bytes.
-    current_size: U64,
+    pub(super) current_size: U64,
     /// CHS cylinders.
-    cylinders: U16,
+    pub(super) cylinders: U16,
     /// CHS heads.
-    heads: u8,
+    pub(super) heads: u8,
     /// CHS sectors per track.
-    sectors: u8,
+    pub(super) sectors: u8,
     /// 2 fixed, 3 dynamic, 4 differencing.
-    disk_type: U32,
+    pub(super) disk_type: U32,
     /// One's complement of the byte sum of the footer with this field zero.
-    checksum: U32,
+    pub(super) checksum: U32,
     /// The disk's unique id; a differencing child records its parent's.
-    unique_id: [u8; 16],
+    pub(super) unique_id: [u8; 16],
     /// 1 when the disk is in a saved state.
-    saved_state: u8,
+    pub(super) saved_state: u8,
     /// Zeros.
-    reserved: [u8; 427],
+    pub(super) reserved: [u8; 427],
 }
 
 const _: () = assert!(size_of::<RawFooter>() == 512);

@@ -10,18 +10,18 @@ use crate::io::{self, ReadAt};
 use crate::limits::{Limits, MetadataBudget};
 
 /// Payload block state: not allocated (a differencing disk reads the parent).
-const PAYLOAD_BLOCK_NOT_PRESENT: u64 = 0;
+pub(crate) const PAYLOAD_BLOCK_NOT_PRESENT: u64 = 0;
 /// Payload block state: content undefined.
 const PAYLOAD_BLOCK_UNDEFINED: u64 = 1;
 /// Payload block state: reads as zero.
-const PAYLOAD_BLOCK_ZERO: u64 = 2;
+pub(crate) const PAYLOAD_BLOCK_ZERO: u64 = 2;
 /// Payload block state: unmapped (trimmed).
 const PAYLOAD_BLOCK_UNMAPPED: u64 = 3;
 /// Payload block state of draft 0.95 of the specification for unmapped blocks; qemu reads it as
 /// zeros, so files made by early writers keep working.
 const PAYLOAD_BLOCK_UNMAPPED_V095: u64 = 5;
 /// Payload block state: every sector is stored in this file.
-const PAYLOAD_BLOCK_FULLY_PRESENT: u64 = 6;
+pub(crate) const PAYLOAD_BLOCK_FULLY_PRESENT: u64 = 6;
 /// Payload block state: the sector bitmap says which sectors are in this file (differencing only).
 const PAYLOAD_BLOCK_PARTIALLY_PRESENT: u64 = 7;
 /// Sector bitmap block state: no bitmap stored.
@@ -33,11 +33,11 @@ const STATE_MASK: u64 = 0x7;
 /// Mask of the reserved bits of a BAT entry (between the state and the offset).
 pub(crate) const RESERVED_MASK: u64 = 0xF_FFF8;
 /// The file offset is stored in MiB from bit 20 up.
-const OFFSET_SHIFT: u32 = 20;
+pub(crate) const OFFSET_SHIFT: u32 = 20;
 /// Size of a sector bitmap block: one bit per logical sector of `chunk_ratio` payload blocks.
 pub(crate) const SECTOR_BITMAP_BLOCK_SIZE: u64 = MIB;
 /// Sectors one sector bitmap block describes (2^23: 1 MiB of bits).
-const SECTORS_PER_BITMAP_BLOCK: u64 = 1 << 23;
+pub(crate) const SECTORS_PER_BITMAP_BLOCK: u64 = 1 << 23;
 /// Bytes of BAT read at a time while loading it (bounds the transient buffer).
 const BAT_READ_CHUNK: u64 = MIB;
 

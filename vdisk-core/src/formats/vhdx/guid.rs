@@ -2,10 +2,10 @@
 
 use std::fmt;
 
-use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// A GUID in its on-disk byte order.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(transparent)]
 pub(crate) struct Guid(pub(crate) [u8; 16]);
 
@@ -18,6 +18,27 @@ impl Guid {
         let b = d2.to_le_bytes();
         let c = d3.to_le_bytes();
         Guid([a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d4[0], d4[1], d4[2], d4[3], d4[4], d4[5], d4[6], d4[7]])
+    }
+
+    /// A random (version 4) GUID, from the standard library's per-process random hash keys,
+    /// the clock and a counter: unique, not secret.
+    pub(crate) fn random() -> Guid {
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut b = [0u8; 16];
+        for half in b.chunks_exact_mut(8) {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+            if let Ok(d) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+                h.write_u128(d.as_nanos());
+            }
+            half.copy_from_slice(&h.finish().to_le_bytes());
+        }
+        // Version 4 in the high nibble of Data3 (stored little-endian), the RFC 4122 variant.
+        b[7] = (b[7] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        Guid(b)
     }
 
     /// True for the all-zero GUID.
@@ -94,5 +115,17 @@ mod tests {
             assert_eq!(Guid::parse(bad), None, "{bad}");
         }
         assert!(Guid([0; 16]).is_zero() && !g.is_zero());
+    }
+
+    #[test]
+    fn random_guids_are_version_4_and_distinct() {
+        let a = Guid::random();
+        let b = Guid::random();
+        assert_ne!(a, b);
+        for g in [a, b] {
+            let text = g.to_string();
+            assert_eq!(&text[14..15], "4", "{text}");
+            assert!(matches!(&text[19..20], "8" | "9" | "a" | "b"), "{text}");
+        }
     }
 }

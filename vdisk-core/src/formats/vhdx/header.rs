@@ -1,7 +1,7 @@
 //! The header section: the file type identifier at 0 and the two headers at 64 KiB and 128 KiB.
 
 use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::crc32c;
 use super::error::{corrupt, unsupported};
@@ -13,55 +13,55 @@ use crate::io::{self, ReadAt};
 /// Signature of the file type identifier, at offset 0.
 pub(crate) const FILE_SIGNATURE: &[u8; 8] = b"vhdxfile";
 /// Signature of a header.
-const HEADER_SIGNATURE: &[u8; 4] = b"head";
+pub(crate) const HEADER_SIGNATURE: &[u8; 4] = b"head";
 /// Offsets of the two headers (the specification fixes them).
 pub(crate) const HEADER_OFFSETS: [u64; 2] = [64 << 10, 128 << 10];
 /// Size of a header, the span its checksum covers.
-const HEADER_SIZE: usize = 4096;
+pub(crate) const HEADER_SIZE: usize = 4096;
 /// The only header version the specification defines.
-const HEADER_VERSION: u16 = 1;
+pub(crate) const HEADER_VERSION: u16 = 1;
 /// The only log version the specification defines.
 const LOG_VERSION: u16 = 0;
 /// Offset of the checksum field inside a header.
-const CHECKSUM_FIELD: usize = 4;
+pub(crate) const CHECKSUM_FIELD: usize = 4;
 
 /// The file type identifier (the first 520 bytes of its 64 KiB).
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawFileIdentifier {
+pub(crate) struct RawFileIdentifier {
     /// `vhdxfile`.
-    signature: [u8; 8],
+    pub(crate) signature: [u8; 8],
     /// Name of the program that created the file, UTF-16LE, NUL-padded.
-    creator: [u8; 512],
+    pub(crate) creator: [u8; 512],
 }
 const _: () = assert!(size_of::<RawFileIdentifier>() == 520);
 
 /// A header as stored.
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawHeader {
+pub(crate) struct RawHeader {
     /// `head`.
-    signature: [u8; 4],
+    pub(crate) signature: [u8; 4],
     /// CRC-32C of the 4 KiB header with this field as zero.
-    checksum: U32,
+    pub(crate) checksum: U32,
     /// The header with the higher number among the valid ones is current.
-    sequence_number: U64,
+    pub(crate) sequence_number: U64,
     /// Changed the first time the file is written after being opened.
-    file_write_guid: Guid,
+    pub(crate) file_write_guid: Guid,
     /// Changed the first time the virtual disk's content is written after being opened.
-    data_write_guid: Guid,
+    pub(crate) data_write_guid: Guid,
     /// Identifies the log entries that belong to this file; zero when the log is empty.
-    log_guid: Guid,
+    pub(crate) log_guid: Guid,
     /// Log format version, 0.
-    log_version: U16,
+    pub(crate) log_version: U16,
     /// Header format version, 1.
-    version: U16,
+    pub(crate) version: U16,
     /// Size of the log in bytes, a multiple of 1 MiB.
-    log_length: U32,
+    pub(crate) log_length: U32,
     /// Offset of the log, a multiple of 1 MiB.
-    log_offset: U64,
+    pub(crate) log_offset: U64,
     /// Reserved, zero.
-    reserved: [u8; 4016],
+    pub(crate) reserved: [u8; 4016],
 }
 const _: () = assert!(size_of::<RawHeader>() == HEADER_SIZE);
 

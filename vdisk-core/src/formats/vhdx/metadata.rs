@@ -1,7 +1,7 @@
 //! The metadata region: its table and the items the reader needs (block size, sizes, parent).
 
 use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::error::{corrupt, unsupported};
 use super::guid::Guid;
@@ -13,15 +13,15 @@ use crate::io::{self, ReadAt};
 use crate::limits::MetadataBudget;
 
 /// Size of the metadata table at the start of the region (fixed by the specification).
-const TABLE_SIZE: u64 = 64 << 10;
+pub(crate) const TABLE_SIZE: u64 = 64 << 10;
 /// Signature of the metadata table.
-const METADATA_SIGNATURE: &[u8; 8] = b"metadata";
+pub(crate) const METADATA_SIGNATURE: &[u8; 8] = b"metadata";
 /// Most entries the table may hold (the specification's limit).
 const MAX_METADATA_ENTRIES: u16 = 2047;
 /// Largest metadata item (the specification's limit).
 const MAX_ITEM_LENGTH: u64 = MIB;
 /// Entry flag: the item is required; a reader that does not know it must refuse the file.
-const FLAG_IS_REQUIRED: u32 = 1 << 2;
+pub(crate) const FLAG_IS_REQUIRED: u32 = 1 << 2;
 
 /// Smallest block size the specification allows.
 pub(crate) const MIN_BLOCK_SIZE: u64 = MIB;
@@ -53,45 +53,45 @@ pub(crate) const VHDX_LOCATOR_TYPE: Guid =
     Guid::new(0xB04A_EFB7, 0xD19E, 0x4A81, [0xB7, 0x89, 0x25, 0xB8, 0xE9, 0x44, 0x59, 0x13]);
 
 /// The metadata table header.
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawMetadataHeader {
+pub(crate) struct RawMetadataHeader {
     /// `metadata`.
-    signature: [u8; 8],
+    pub(crate) signature: [u8; 8],
     /// Reserved, zero.
-    reserved: U16,
+    pub(crate) reserved: U16,
     /// Number of entries that follow.
-    entry_count: U16,
+    pub(crate) entry_count: U16,
     /// Reserved, zero.
-    reserved2: [u8; 20],
+    pub(crate) reserved2: [u8; 20],
 }
 const _: () = assert!(size_of::<RawMetadataHeader>() == 32);
 
 /// One metadata table entry.
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawMetadataEntry {
+pub(crate) struct RawMetadataEntry {
     /// Which item.
-    item_id: Guid,
+    pub(crate) item_id: Guid,
     /// Offset of the item from the start of the metadata region (at least 64 KiB).
-    offset: U32,
+    pub(crate) offset: U32,
     /// Length of the item in bytes.
-    length: U32,
+    pub(crate) length: U32,
     /// Bit 0 IsUser, bit 1 IsVirtualDisk, bit 2 IsRequired.
-    flags: U32,
+    pub(crate) flags: U32,
     /// Reserved, zero.
-    reserved: U32,
+    pub(crate) reserved: U32,
 }
 const _: () = assert!(size_of::<RawMetadataEntry>() == 32);
 
 /// The file parameters item.
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawFileParameters {
+pub(crate) struct RawFileParameters {
     /// Payload block size in bytes: a power of two from 1 MiB to 256 MiB.
-    block_size: U32,
+    pub(crate) block_size: U32,
     /// Bit 0 LeaveBlocksAllocated (a fixed disk), bit 1 HasParent (a differencing disk).
-    flags: U32,
+    pub(crate) flags: U32,
 }
 const _: () = assert!(size_of::<RawFileParameters>() == 8);
 

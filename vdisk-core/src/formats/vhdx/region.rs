@@ -1,7 +1,7 @@
 //! The region table (two copies, at 192 KiB and 256 KiB): where the BAT and the metadata live.
 
 use zerocopy::little_endian::{U32, U64};
-use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::crc32c;
 use super::error::{corrupt, unsupported};
@@ -13,13 +13,13 @@ use crate::io::{self, ReadAt};
 /// Offsets of the two region table copies (fixed by the specification).
 pub(crate) const REGION_TABLE_OFFSETS: [u64; 2] = [192 << 10, 256 << 10];
 /// Size of a region table, the span its checksum covers.
-const REGION_TABLE_SIZE: usize = 64 << 10;
+pub(crate) const REGION_TABLE_SIZE: usize = 64 << 10;
 /// Signature of a region table.
-const REGION_SIGNATURE: &[u8; 4] = b"regi";
+pub(crate) const REGION_SIGNATURE: &[u8; 4] = b"regi";
 /// Most entries a region table may hold (the specification's limit; 2047 fill the 64 KiB).
 const MAX_REGION_ENTRIES: u32 = 2047;
 /// Offset of the checksum field inside a region table.
-const CHECKSUM_FIELD: usize = 4;
+pub(crate) const CHECKSUM_FIELD: usize = 4;
 
 /// The BAT region: {2DC27766-F623-4200-9D64-115E9BFD4A08}.
 pub(crate) const BAT_REGION: Guid =
@@ -29,32 +29,32 @@ pub(crate) const METADATA_REGION: Guid =
     Guid::new(0x8B7C_A206, 0x4790, 0x4B9A, [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E]);
 
 /// The region table header.
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawRegionHeader {
+pub(crate) struct RawRegionHeader {
     /// `regi`.
-    signature: [u8; 4],
+    pub(crate) signature: [u8; 4],
     /// CRC-32C of the 64 KiB table with this field as zero.
-    checksum: U32,
+    pub(crate) checksum: U32,
     /// Number of entries that follow.
-    entry_count: U32,
+    pub(crate) entry_count: U32,
     /// Reserved, zero.
-    reserved: U32,
+    pub(crate) reserved: U32,
 }
 const _: () = assert!(size_of::<RawRegionHeader>() == 16);
 
 /// One region table entry.
-#[derive(FromBytes, KnownLayout, Immutable, Unaligned)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct RawRegionEntry {
+pub(crate) struct RawRegionEntry {
     /// Which region.
-    guid: Guid,
+    pub(crate) guid: Guid,
     /// Offset of the region in the file, a multiple of 1 MiB.
-    file_offset: U64,
+    pub(crate) file_offset: U64,
     /// Length of the region, a multiple of 1 MiB.
-    length: U32,
+    pub(crate) length: U32,
     /// Bit 0: a reader that does not know the region must refuse the file.
-    required: U32,
+    pub(crate) required: U32,
 }
 const _: () = assert!(size_of::<RawRegionEntry>() == 32);
 

@@ -39,6 +39,7 @@ mod header;
 mod sesparse;
 mod sparse;
 pub(crate) mod stream;
+pub(crate) mod write;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,0 +1,185 @@
+//! `vdisk convert -O FMT` (export), `--preset`, and `vdisk measure`, against qemu-img.
+
+mod support;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use support::*;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn vd(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut c = vdisk();
+    for a in args {
+        c.arg(a);
+    }
+    run_limited(&mut c, LIMIT)
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "vdisk failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn have_qemu_img() -> bool {
+    let ok = Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "qemu-img is required on CI");
+        eprintln!("SKIP: qemu-img not found");
+    }
+    ok
+}
+
+fn qemu(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    let mut c = Command::new("qemu-img");
+    for a in args {
+        c.arg(a);
+    }
+    c.output().unwrap()
+}
+
+/// A sparse raw source: 40 MiB with random and repetitive runs and holes.
+fn source(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("src.raw");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(40 << 20).unwrap();
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let random: Vec<u8> = (0..3 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    f.write_all_at(&random, 1 << 20).unwrap();
+    let text: Vec<u8> = b"a compressible line of text\n".iter().copied().cycle().take(5 << 20).collect();
+    f.write_all_at(&text, 20 << 20).unwrap();
+    f.write_all_at(&[9u8; 1000], (40 << 20) - 1000).unwrap();
+    path
+}
+
+fn assert_qcow2_good(src: &Path, out: &Path) {
+    let check = qemu(&[&"check", &"-f", &"qcow2", &out]);
+    assert!(check.status.success(), "check: {}", String::from_utf8_lossy(&check.stdout));
+    let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", &"qcow2", &src, &out]);
+    assert!(cmp.status.success(), "compare: {}", String::from_utf8_lossy(&cmp.stdout));
+}
+
+#[test]
+fn convert_to_qcow2_compressed_and_with_options() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    let out = dir.path().join("c.qcow2");
+    ok(&vd(&[&"convert", &"-O", &"qcow2", &"-c", &src, &out]));
+    assert_qcow2_good(&src, &out);
+    let plain = dir.path().join("p.qcow2");
+    ok(&vd(&[&"convert", &"-O", &"qcow2", &"-o", &"compat=0.10", &"-o", &"cluster_size=128k", &src, &plain]));
+    assert_qcow2_good(&src, &plain);
+    let bytes = std::fs::read(&plain).unwrap();
+    assert_eq!(&bytes[4..8], &2u32.to_be_bytes());
+    assert_eq!(&bytes[20..24], &17u32.to_be_bytes());
+    assert!(std::fs::metadata(&out).unwrap().len() < std::fs::metadata(&plain).unwrap().len());
+    // JSON report.
+    let again = dir.path().join("j.qcow2");
+    let text = ok(&vd(&[&"convert", &"-O", &"qcow2", &"--output", &"json", &src, &again]));
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(v["format"], "qcow2");
+    assert_eq!(v["file-length"].as_u64(), Some(std::fs::metadata(&again).unwrap().len()));
+}
+
+#[test]
+fn presets_choose_the_format() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    let out = dir.path().join("os.qcow2");
+    ok(&vd(&[&"convert", &"--preset", &"openstack", &src, &out]));
+    assert_qcow2_good(&src, &out);
+    assert_eq!(&std::fs::read(&out).unwrap()[4..8], &3u32.to_be_bytes());
+    let out = dir.path().join("oci.qcow2");
+    ok(&vd(&[&"convert", &"--preset", &"oci", &"-O", &"qcow2", &src, &out]));
+    assert_qcow2_good(&src, &out);
+    for preset in ["esxi", "aws", "oci"] {
+        let out = dir.path().join(format!("{preset}.vmdk"));
+        ok(&vd(&[&"convert", &"--preset", &preset, &"-c", &src, &out]));
+        let check = qemu(&[&"check", &"-f", &"vmdk", &out]);
+        assert!(check.status.success(), "{preset}: {}", String::from_utf8_lossy(&check.stdout));
+        let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", &"vmdk", &src, &out]);
+        assert!(cmp.status.success(), "{preset}: {}", String::from_utf8_lossy(&cmp.stdout));
+        let head = std::fs::read(&out).unwrap();
+        assert_eq!(&head[0..4], b"KDMV");
+        assert_eq!(u32::from_le_bytes(head[8..12].try_into().unwrap()), 0x30001, "{preset}: stream flags");
+        let text = String::from_utf8_lossy(&head[512..512 * 21]).into_owned();
+        assert!(text.contains("createType=\"streamOptimized\"") && text.contains("ddb.adapterType = \"lsilogic\""));
+    }
+    // -c is refused where the VMDK subformat cannot compress.
+    let refused =
+        vd(&[&"convert", &"-O", &"vmdk", &"-c", &"-o", &"subformat=monolithicSparse", &src, &dir.path().join("y")]);
+    assert_clean_error(&refused, 1, "-c with monolithicSparse");
+    // A format the preset does not allow is refused, naming what it allows.
+    let refused = vd(&[&"convert", &"--preset", &"openstack", &"-O", &"vmdk", &src, &dir.path().join("x")]);
+    assert_clean_error(&refused, 1, "preset with the wrong format");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("qcow2"));
+    let help = ok(&vd(&[&"convert", &"--help"]));
+    for p in ["azure", "esxi", "hyperv", "oci", "aws", "openstack"] {
+        assert!(help.contains(&format!("- {p}:")), "--help does not list preset {p}");
+    }
+}
+
+#[test]
+fn raw_only_flags_and_bad_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    let dst = dir.path().join("x.qcow2");
+    for args in [
+        vec!["-O", "qcow2", "-n"],
+        vec!["-O", "qcow2", "--target-is-zero"],
+        vec!["-O", "qcow2", "-o", "cluster_size=3000"],
+        vec!["-O", "qcow2", "-o", "nosuchoption=1"],
+        vec!["-o", "compat=1.1"],
+        vec!["-c"],
+    ] {
+        let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"convert"];
+        for a in &args {
+            all.push(a);
+        }
+        all.push(&src);
+        all.push(&dst);
+        assert_clean_error(&vd(&all), 1, &format!("{args:?}"));
+        assert!(!dst.exists());
+    }
+}
+
+#[test]
+fn measure_prints_qemu_img_keys_and_numbers() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    for opts in ["cluster_size=65536", "cluster_size=2M", "compat=0.10"] {
+        let ours = ok(&vd(&[&"measure", &"-O", &"qcow2", &"-o", &opts, &"--output", &"json", &src]));
+        let theirs = qemu(&[&"measure", &"-O", &"qcow2", &"-o", &opts, &"--output", &"json", &src]);
+        let a: serde_json::Value = serde_json::from_str(&ours).unwrap();
+        let b: serde_json::Value = serde_json::from_slice(&theirs.stdout).unwrap();
+        assert_eq!(a, b, "{opts}");
+    }
+    let ours = ok(&vd(&[&"measure", &"-O", &"qcow2", &src]));
+    let theirs = qemu(&[&"measure", &"-O", &"qcow2", &src]);
+    assert_eq!(ours, String::from_utf8_lossy(&theirs.stdout));
+    let ours = ok(&vd(&[&"measure", &"-O", &"qcow2", &"--size", &"10737418240"]));
+    let theirs = qemu(&[&"measure", &"-O", &"qcow2", &"--size", &"10737418240"]);
+    assert_eq!(ours, String::from_utf8_lossy(&theirs.stdout));
+    let ours = ok(&vd(&[&"measure", &src]));
+    let theirs = qemu(&[&"measure", &"-O", &"raw", &src]);
+    assert_eq!(ours, String::from_utf8_lossy(&theirs.stdout));
+}
