@@ -1,7 +1,7 @@
 """Type stubs of vdisk's native module, re-exported by ``vdisk``."""
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Literal, final
 
@@ -25,6 +25,7 @@ __all__ = [
     "LimitExceededError",
     "Limits",
     "ReferenceDeniedError",
+    "RemoteError",
     "TargetError",
     "UnsupportedFeatureError",
     "VdiskError",
@@ -58,6 +59,12 @@ class TargetError(VdiskError):
 
 class JournalError(VdiskError):
     """A resume journal does not match the conversion or is damaged; ``restart=True`` discards it."""
+
+class RemoteError(VdiskError):
+    """An http(s) source failed after its retries, ignores Range, or changed during the read."""
+
+    status: int | None
+    """The HTTP status the server last answered, or None (a connection failure)."""
 
 @final
 class Limits:
@@ -255,8 +262,13 @@ def open(
     *,
     limits: Limits | None = None,
     disk: int | None = None,
+    http_headers: Mapping[str, str] | None = None,
+    http_connections: int | None = None,
+    http_retries: int | None = None,
+    http_timeout: float | None = None,
+    url_refresh: Callable[[], str] | None = None,
 ) -> Image:
-    """Open the disk image at ``path`` (``disk`` chooses a disk of an OVA, 1-based)."""
+    """Open the disk image at ``path``, a file or an ``http(s)://`` URL (``disk`` chooses a disk of an OVA)."""
 
 def convert(
     src: _Path,
@@ -274,6 +286,11 @@ def convert(
     checksum: bool = False,
     journal: _Path | None = None,
     restart: bool = False,
+    http_headers: Mapping[str, str] | None = None,
+    http_connections: int | None = None,
+    http_retries: int | None = None,
+    http_timeout: float | None = None,
+    url_refresh: Callable[[], str] | None = None,
 ) -> ConvertReport:
     """Convert the image at ``src`` to its raw guest content at ``dst``."""
 
@@ -288,6 +305,11 @@ def checksum(
     limits: Limits | None = None,
     progress: Callable[[int, int], object] | None = None,
     disk: int | None = None,
+    http_headers: Mapping[str, str] | None = None,
+    http_connections: int | None = None,
+    http_retries: int | None = None,
+    http_timeout: float | None = None,
+    url_refresh: Callable[[], str] | None = None,
 ) -> Checksum:
     """The digest of the guest content of the image at ``path``, independent of its format."""
 
@@ -304,5 +326,9 @@ def compare(
     progress: Callable[[int, int], object] | None = None,
     disk_a: int | None = None,
     disk_b: int | None = None,
+    http_headers: Mapping[str, str] | None = None,
+    http_connections: int | None = None,
+    http_retries: int | None = None,
+    http_timeout: float | None = None,
 ) -> Comparison:
     """Compare the guest content of two images (qemu-img compare's semantics)."""
