@@ -183,3 +183,39 @@ fn measure_prints_qemu_img_keys_and_numbers() {
     let theirs = qemu(&[&"measure", &"-O", &"raw", &src]);
     assert_eq!(ours, String::from_utf8_lossy(&theirs.stdout));
 }
+
+#[test]
+fn azure_and_hyperv_presets() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    // 40 MiB: a whole MiB, so Azure's fixed VHD is the exact size plus the footer.
+    let vhd = dir.path().join("azure.vhd");
+    ok(&vd(&[&"convert", &"--preset", &"azure", &src, &vhd]));
+    assert_eq!(std::fs::metadata(&vhd).unwrap().len(), (40 << 20) + 512);
+    let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", &"vpc", &src, &vhd]);
+    assert!(cmp.status.success(), "azure: {}", String::from_utf8_lossy(&cmp.stdout));
+    let vhdx = dir.path().join("hyperv.vhdx");
+    ok(&vd(&[&"convert", &"--preset", &"hyperv", &src, &vhdx]));
+    let check = qemu(&[&"check", &"-f", &"vhdx", &vhdx]);
+    assert!(check.status.success(), "hyperv: {}", String::from_utf8_lossy(&check.stdout));
+    let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", &"vhdx", &src, &vhdx]);
+    assert!(cmp.status.success(), "hyperv: {}", String::from_utf8_lossy(&cmp.stdout));
+    // Not a whole MiB: refused, naming --round-up-mib; with it, grown to the next MiB.
+    let odd = dir.path().join("odd.raw");
+    std::fs::copy(&src, &odd).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&odd).unwrap().set_len((40 << 20) + 4096).unwrap();
+    let out = dir.path().join("odd.vhd");
+    let refused = vd(&[&"convert", &"--preset", &"azure", &odd, &out]);
+    assert_clean_error(&refused, 1, "azure with an odd size");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--round-up-mib"));
+    assert!(!out.exists());
+    ok(&vd(&[&"convert", &"--preset", &"azure", &"--round-up-mib", &odd, &out]));
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), (41 << 20) + 512);
+    let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", &"vpc", &odd, &out]);
+    assert!(cmp.status.success(), "rounded: {}", String::from_utf8_lossy(&cmp.stdout));
+    // VHD and VHDX do not compress.
+    assert_clean_error(&vd(&[&"convert", &"-O", &"vpc", &"-c", &src, &dir.path().join("c.vhd")]), 1, "-c vpc");
+}
