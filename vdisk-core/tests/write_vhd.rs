@@ -168,3 +168,37 @@ fn bad_options_are_refused_before_anything_is_written() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn azure_preset_is_a_whole_mib_fixed_vhd() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = (30u64 << 20) + 512;
+    let src = raw_source(dir.path(), size, 20);
+    let img = Image::open(&src, &OpenOptions::default()).unwrap();
+    let (format, options) = vdisk_core::Preset::Azure.resolve(None, &[]).unwrap();
+    assert_eq!(format, OutputFormat::Vpc);
+    let opts = ExportOptions { format, options, preset: Some(vdisk_core::Preset::Azure), ..ExportOptions::default() };
+    // Not a whole MiB: refused, naming the explicit way to grow it, and nothing is written.
+    let out = dir.path().join("azure.vhd");
+    let e = export(&img, &out, &opts).unwrap_err();
+    assert!(e.to_string().contains("--round-up-mib"), "{e}");
+    assert!(!out.exists());
+    // Grown on request: 31 MiB + the footer, a fixed disk whose footer says exactly 31 MiB.
+    export(&img, &out, &ExportOptions { round_up_mib: true, ..opts }).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    let grown = 31u64 << 20;
+    assert_eq!(bytes.len() as u64, grown + 512);
+    let footer = &bytes[grown as usize..];
+    assert_eq!(&footer[..8], b"conectix");
+    assert_eq!((&footer[28..32], &footer[36..40]), (&b"vdsk"[..], &b"Wi2k"[..]));
+    assert_eq!(u64::from_be_bytes(footer[40..48].try_into().unwrap()), grown, "original size");
+    assert_eq!(u64::from_be_bytes(footer[48..56].try_into().unwrap()), grown, "current size");
+    assert_eq!(u32::from_be_bytes(footer[60..64].try_into().unwrap()), 2, "fixed");
+    // The source's bytes, then zeros.
+    let original = std::fs::read(&src).unwrap();
+    assert!(bytes[..size as usize] == original[..], "the disk's content moved");
+    assert!(bytes[size as usize..grown as usize].iter().all(|&b| b == 0));
+    if have_qemu() {
+        assert_eq!(qemu_virtual_size(&out), grown);
+    }
+}
