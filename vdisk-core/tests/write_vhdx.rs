@@ -193,3 +193,76 @@ fn bad_options_are_refused_before_anything_is_written() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn multi_terabyte_sparse_source() {
+    // 3 TiB (past what a VHD can hold) with data at the start, around 2 TiB and at the very end:
+    // the BAT spans three MiB of entries and sector bitmap entries interleave, and only three
+    // blocks are stored.
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3u64 << 40;
+    let src = dir.path().join("big.raw");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(size).unwrap();
+    let at = [0u64, (2 << 40) + (5 << 20), size - (1 << 20)];
+    for (k, &a) in at.iter().enumerate() {
+        f.write_all_at(&vec![k as u8 + 1; 1 << 20], a).unwrap();
+    }
+    let out = dir.path().join("big.vhdx");
+    export_vhdx(&src, &out, "");
+    let len = std::fs::metadata(&out).unwrap().len();
+    // Header section, 1 MiB log, 1 MiB metadata, a 1 MiB BAT (98,304 + 767 entries), 3 blocks.
+    assert_eq!(len, (4 << 20) + 3 * (32 << 20));
+    assert_check_clean(&out);
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "vhdx", "-r"]);
+    for (k, &a) in at.iter().enumerate() {
+        cmd.arg("-c").arg(format!("read -P {} {a} 1M", k + 1));
+    }
+    cmd.arg("-c").arg(format!("read -P 0 {} 1M", 1u64 << 40));
+    let o = cmd.arg(&out).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && !text.contains("verification failed"), "{text}");
+    let img = Image::open(&out, &OpenOptions::default()).unwrap();
+    assert_eq!(img.virtual_size(), size);
+    for (k, &a) in at.iter().enumerate() {
+        let mut buf = vec![0u8; 1 << 20];
+        img.read_at(&mut buf, a).unwrap();
+        assert!(buf.iter().all(|&b| b == k as u8 + 1), "at {a:#x}");
+    }
+    // A VHD cannot hold it.
+    let img = Image::open(&src, &OpenOptions::default()).unwrap();
+    let opts = ExportOptions { format: OutputFormat::Vpc, ..ExportOptions::default() };
+    let e = export(&img, dir.path().join("big.vhd"), &opts).unwrap_err();
+    assert!(e.to_string().contains("2040 GiB"), "{e}");
+}
+
+#[test]
+fn round_trip_through_vhd_and_back() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Whole 4 KiB sectors, so the 4K-sector hop keeps the size.
+    let src = raw_source(dir.path(), (29u64 << 20) + 4096, 6);
+    let hops = [
+        ("a.vhd", OutputFormat::Vpc, ""),
+        ("b.vhdx", OutputFormat::Vhdx, "block_size=1M"),
+        ("c.vhd", OutputFormat::Vpc, "subformat=fixed"),
+        ("d.vhdx", OutputFormat::Vhdx, "subformat=fixed,logical_sector_size=4096"),
+        ("e.vhdx", OutputFormat::Vhdx, ""),
+    ];
+    let mut from = src.clone();
+    for (name, format, options) in hops {
+        let out = dir.path().join(name);
+        let img = Image::open(&from, &OpenOptions::default()).unwrap();
+        export(&img, &out, &ExportOptions { format, options: pairs(options), ..ExportOptions::default() })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(content_hash(&out), content_hash(&src), "{name}");
+        from = out;
+    }
+    assert_same(&src, "raw", &from);
+}
