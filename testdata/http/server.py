@@ -23,6 +23,7 @@ Paths:
       badrange         answer 206 with another range (shifted by 512 bytes, or shorter)
       ignore-range     answer 200 with the whole file (a server that ignores Range)
       redirect         answer 302 to the same path without the fault prefix
+      encoding=NAME    label the reply Content-Encoding: NAME (the body is unchanged)
       replace-after=N  from the N+1th request on, serve another object: a new ETag and
                        Last-Modified and different bytes (If-Match with the old ETag gets 412)
       after=N          let the first N requests through untouched (the fault starts after)
@@ -223,6 +224,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 last -= 1
         self.record(206, raw_path)
         headers = dict(common, **{"Content-Range": "bytes %d-%d/%d" % (first, last, size)})
+        if active and "encoding" in faults:
+            headers["Content-Encoding"] = faults["encoding"] or "gzip"
         return self.send_file(206, file_path, first, last + 1 - first, size, headers, faults if active else {}, replaced)
 
     def parse_range(self, value, size):

@@ -136,6 +136,7 @@ fn every_format_over_http_matches_the_local_conversion() {
         ("dynamic.vhd", "vpc", "subformat=dynamic"),
         ("fixed.vhd", "vpc", "subformat=fixed"),
         ("disk.vhdx", "vhdx", "subformat=dynamic"),
+        ("disk.vdi", "vdi", "static=off"),
     ] {
         let out = root.join(name);
         qemu_img(&["convert", "-f", "qcow2", "-O", fmt, "-o", opts, b, out.to_str().unwrap()]);
@@ -152,6 +153,7 @@ fn every_format_over_http_matches_the_local_conversion() {
         ("dynamic.vhd", Format::Vhd),
         ("fixed.vhd", Format::Vhd),
         ("disk.vhdx", Format::Vhdx),
+        ("disk.vdi", Format::Vdi),
     ] {
         let local =
             convert_sha(root.join(name).to_str().unwrap(), &OpenOptions::default(), &work, "local.raw").unwrap();
@@ -277,6 +279,9 @@ fn servers_that_ignore_range_are_refused() {
     let e = image.read_at(&mut buf, 300 << 10).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Remote, "{e}");
     assert!(e.to_string().contains("ignores Range") && e.to_string().contains("bytes 307200-"), "{e}");
+    // A range labelled with a content encoding is not the stored bytes.
+    let e = Image::open(server.url("_fault/encoding=gzip/disk.raw"), &fast(2)).unwrap_err();
+    assert!(e.to_string().contains("encoded (gzip)"), "{e}");
     // A whole server that never honours Range.
     let Some(plain) = Server::start(dir.path(), &["--no-range"]) else { return };
     let e = Image::open(plain.url("disk.raw"), &fast(2)).unwrap_err();
@@ -367,6 +372,9 @@ fn extra_headers_are_sent() {
     let image = Image::open(server.url("disk.raw"), &opts).unwrap();
     assert_eq!(image.virtual_size(), 1 << 20);
     assert!(!format!("{opts:?}").contains("T0KEN"));
+    // A redirect on the same host keeps the Authorization header.
+    let image = Image::open(server.url("_fault/redirect/disk.raw"), &opts).unwrap();
+    assert_eq!(image.virtual_size(), 1 << 20);
 }
 
 /// Backing files of a remote image resolve against its URL under same-dir, never to local files.
@@ -492,4 +500,38 @@ fn https_with_a_test_ca() {
     let mut got = vec![0u8; data.len()];
     image.read_at(&mut got, 0).unwrap();
     assert!(got == data);
+}
+
+/// Real images from the corpus (`../shared/corpus`, or `$VDISK_CORPUS` naming that folder), read
+/// over HTTP, convert to the guest content its manifest records: every row that converts without
+/// options, up to 300 MB of virtual size.
+#[test]
+fn corpus_images_over_http_match_their_manifest() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let folder =
+        std::env::var_os("VDISK_CORPUS").map(std::path::PathBuf::from).unwrap_or(repo.join("../shared/corpus"));
+    let (tarball, expected) = (folder.join("corpus.tar.xz"), folder.join("expected.tsv"));
+    if !tarball.is_file() || !expected.is_file() {
+        eprintln!("SKIP: corpus not found (set VDISK_CORPUS or provide ../shared/corpus)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let files = dir.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    common::run(Command::new("tar").arg("-xSJf").arg(&tarball).arg("-C").arg(&files));
+    let Some(server) = Server::start(&files, &[]) else { return };
+    let mut done = 0;
+    for line in std::fs::read_to_string(&expected).unwrap().lines().skip(1) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        let (name, flags, expect, sha, size) =
+            (cols[0], cols[1], cols[2], cols[3], cols[4].parse::<u64>().unwrap_or(0));
+        if expect != "ok" || !flags.is_empty() || size == 0 || size > 300_000_000 || !files.join(name).is_file() {
+            continue;
+        }
+        let got =
+            convert_sha(&server.url(name), &fast(4), dir.path(), "out.raw").unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(got, sha, "{name}: content over HTTP differs from the manifest");
+        done += 1;
+    }
+    assert!(done >= 10, "only {done} corpus rows were checked");
 }

@@ -372,7 +372,7 @@ impl HttpSource {
         req.call().map_err(|e| transport_failure(e, self.options.timeout))
     }
 
-    /// Refuse any reply but a 206; say what the server answered.
+    /// Refuse any reply but a 206 of stored bytes; say what the server answered.
     fn check_status(
         &self,
         response: &ureq::http::Response<ureq::Body>,
@@ -381,6 +381,16 @@ impl HttpSource {
     ) -> std::result::Result<(), Attempt> {
         let status = response.status();
         let code = status.as_u16();
+        let encoding = response.headers().get("content-encoding").and_then(|v| v.to_str().ok()).map(str::trim);
+        if code == 206 && encoding.is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity")) {
+            return Err(Attempt::fatal(
+                format!(
+                    "the server sent the range encoded ({}) although vdisk asked for identity; a range must be the stored bytes",
+                    redact_text(encoding.unwrap_or("")).chars().take(40).collect::<String>()
+                ),
+                Some(206),
+            ));
+        }
         let reason = status.canonical_reason().unwrap_or("");
         let answered = format!("the server answered {code} {reason}").trim_end().to_string();
         match code {
@@ -616,6 +626,8 @@ fn build_agent(url: &str, options: &HttpOptions) -> Result<ureq::Agent> {
     let mut config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(MAX_REDIRECTS)
+        // An Authorization header given with --http-header follows a redirect on the same host only.
+        .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
         .max_idle_connections(connections.saturating_mul(2))
         .max_idle_connections_per_host(connections)
         .timeout_connect(Some(CONNECT_TIMEOUT.min(options.timeout.max(Duration::from_millis(1)))))
