@@ -48,6 +48,10 @@ const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const COMPRESSION_TYPE_ZSTD: u8 = 1;
 /// qemu's largest L1 table (`QCOW_MAX_L1_SIZE`, 32 MiB): a bigger disk needs larger clusters.
 const MAX_L1_BYTES: u64 = 32 << 20;
+/// zstd level for compressed clusters. qemu uses libzstd's default, 3; the pure-Rust encoder at
+/// level 3 needs about 1.5 times libzstd's CPU, at level 2 a little less than libzstd at 3, for
+/// output 1.4 % larger (measured on an ext4 image of real files: benches/RESULTS.md).
+const ZSTD_LEVEL: i32 = 2;
 /// qemu inflates compressed clusters with a 4 KiB window (`windowBits = -12`), so they must be
 /// deflated with no larger window.
 const DEFLATE_WINDOW_BITS: u8 = 12;
@@ -150,6 +154,12 @@ impl Qcow2Options {
     }
 }
 
+/// qcow2 readers see whole 512-byte sectors (qemu floors the header's size): a virtual size that
+/// is not a multiple of 512 is rounded up, as qemu-img does (the added bytes read as zero).
+fn sector_size(size: u64) -> Result<u64> {
+    size.checked_next_multiple_of(512).ok_or_else(|| option_error(format!("a qcow2 cannot hold {size} bytes")))
+}
+
 /// The table geometry of a qcow2 image of `size` bytes.
 #[derive(Clone, Copy, Debug)]
 struct Geometry {
@@ -162,6 +172,7 @@ struct Geometry {
 
 impl Geometry {
     fn new(size: u64, cluster_bits: u32) -> Result<Self> {
+        let size = sector_size(size)?;
         let cs = 1u64 << cluster_bits;
         let clusters = size.div_ceil(cs);
         let l2_entries = cs / ENTRY_BYTES;
@@ -226,7 +237,7 @@ pub(crate) fn create(file: File, virtual_size: u64, options: &Qcow2Options) -> R
     Ok(Box::new(Qcow2Writer {
         file,
         options: options.clone(),
-        size: virtual_size,
+        size: sector_size(virtual_size)?,
         geometry,
         alloc: Mutex::new(Alloc { next: geometry.cluster_size(), refs: vec![1] }),
         l2: Mutex::new((0..l1).map(|_| None).collect()),
@@ -335,7 +346,7 @@ impl Compressor {
             Compressor::Zstd => {
                 ZSTD.with(|z| {
                     let mut z = z.borrow_mut();
-                    z.get_or_insert_with(|| FrameCompressor::new(CompressionLevel::Default))
+                    z.get_or_insert_with(|| FrameCompressor::new(CompressionLevel::Level(ZSTD_LEVEL)))
                         .compress_independent_frame_into(input, out);
                 });
                 Ok(out.len() < limit)
