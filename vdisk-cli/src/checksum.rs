@@ -1,6 +1,6 @@
 //! `vdisk checksum`: a digest of each image's guest content, printed like `sha256sum`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args as ClapArgs, ValueEnum};
 use vdisk_core::{checksum, ChecksumAlgorithm, ChecksumOptions, Image};
@@ -65,18 +65,21 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
             cancel: Some(&INTERRUPTED),
             ..ChecksumOptions::default()
         };
-        let result = Image::open(file, &args.open.options())
-            .and_then(|image| checksum(&image, &options).map(|sum| (image.format(), sum)).map_err(|e| e.in_file(file)));
+        // A URL is shown with its secrets (query string, OCI token) replaced by `...`.
+        let shown = vdisk_core::redact_url(&file.display().to_string());
+        let result = Image::open(file, &args.open.options()).and_then(|image| {
+            checksum(&image, &options).map(|sum| (image.format(), sum)).map_err(|e| e.in_file(Path::new(&shown)))
+        });
         if let Some(p) = &printer {
             p.finish();
         }
         match result {
             Ok((format, sum)) => match args.output {
-                OutputArg::Human => println!("{}  {}", sum.digest, file.display()),
+                OutputArg::Human => println!("{}  {shown}", sum.digest),
                 OutputArg::Json => println!(
                     "{}",
                     serde_json::json!({
-                        "filename": file.display().to_string(),
+                        "filename": shown,
                         "format": format.as_str(),
                         "algorithm": sum.algorithm.as_str(),
                         "block-size": sum.algorithm.block_size(),

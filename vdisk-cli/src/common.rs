@@ -1,7 +1,7 @@
 //! Options shared by the subcommands, and human-readable sizes.
 
 use clap::{Args, ValueEnum};
-use vdisk_core::{Format, Limits, OpenOptions, ReferencePolicy};
+use vdisk_core::{Format, HttpOptions, Limits, OpenOptions, ReferencePolicy};
 
 /// Source format names accepted by `-f` (qemu-img's, plus `vhd` for `vpc`).
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -77,6 +77,43 @@ pub struct OpenArgs {
     /// For an OVA: the disk to read, 1-based in the OVF's order (default: the only disk).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub disk: Option<u32>,
+    /// For http:// and https:// sources: most requests in flight (and connections kept open).
+    #[arg(long, value_name = "N", default_value_t = HttpOptions::DEFAULT_CONNECTIONS as u32,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub http_connections: u32,
+    /// For http(s) sources: retries of a failed request (connection errors, 408, 429, 5xx).
+    #[arg(long, value_name = "N", default_value_t = HttpOptions::DEFAULT_RETRIES)]
+    pub http_retries: u32,
+    /// For http(s) sources: idle timeout, the longest wait for the next byte (not a limit on a
+    /// whole request).
+    #[arg(long, value_name = "SECS", default_value_t = HttpOptions::DEFAULT_TIMEOUT.as_secs_f64(),
+          value_parser = parse_seconds)]
+    pub http_timeout: f64,
+    /// For http(s) sources: an extra request header 'Name: value' (repeatable), for
+    /// token-authenticated endpoints. Values are never printed.
+    #[arg(long, value_name = "'NAME: VALUE'", value_parser = parse_header)]
+    pub http_header: Vec<(String, String)>,
+}
+
+/// `--http-timeout`: positive seconds, fractions allowed.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds between 0 and 86400")),
+    }
+}
+
+/// `--http-header 'Name: value'`. The error never repeats the value (it may be a token).
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = s.split_once(':') else {
+        return Err("expected 'Name: value'".to_string());
+    };
+    let name = name.trim();
+    let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !valid {
+        return Err(format!("'{name}' is not a valid header name"));
+    }
+    Ok((name.to_string(), value.trim().to_string()))
 }
 
 impl OpenArgs {
@@ -97,6 +134,11 @@ impl OpenArgs {
         if let Some(v) = self.max_unit_bytes {
             limits.max_unit_bytes = v;
         }
+        let mut http = HttpOptions::default();
+        http.connections = usize::try_from(self.http_connections).unwrap_or(HttpOptions::DEFAULT_CONNECTIONS);
+        http.retries = self.http_retries;
+        http.timeout = std::time::Duration::from_secs_f64(self.http_timeout);
+        http.headers = self.http_header.clone();
         OpenOptions {
             format: self.format.map(Format::from),
             references: match self.references {
@@ -106,7 +148,7 @@ impl OpenArgs {
             },
             limits,
             disk: self.disk,
-            ..OpenOptions::default()
+            http,
         }
     }
 }

@@ -76,7 +76,9 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
         cancel: Some(&INTERRUPTED),
         ..CompareOptions::default()
     };
-    let (name_a, name_b) = (args.a.display().to_string(), args.b.display().to_string());
+    // URLs are shown with their secrets replaced by `...`.
+    let shown = |p: &PathBuf| vdisk_core::redact_url(&p.display().to_string());
+    let (name_a, name_b) = (shown(&args.a), shown(&args.b));
     let result = compare(&a, &b, (&name_a, &name_b), &options);
     if let Some(p) = &printer {
         p.finish();

@@ -490,6 +490,8 @@ pub struct Image {
     max_metadata_bytes: u64,
     /// The archive `top` was opened from (an OVA), with its other disks.
     container: Option<Box<container::ova::Ova>>,
+    /// For an image with remote sources: the requests each may have in flight.
+    remote_connections: Option<usize>,
 }
 
 impl Image {
@@ -529,6 +531,7 @@ impl Image {
             max_unit_bytes: options.limits.max_unit_bytes,
             max_metadata_bytes: options.limits.max_metadata_bytes,
             container,
+            remote_connections: None,
         })
     }
 
@@ -543,6 +546,7 @@ impl Image {
         };
         let (top, container) =
             Self::open_top(&mut ctx, src, Some(path.clone()), Some(id)).map_err(|e| e.in_file(&path))?;
+        let remote_connections = (!ctx.remote.is_empty()).then_some(options.http.connections.max(1));
         Ok(Image {
             top,
             files: ctx.files,
@@ -550,7 +554,20 @@ impl Image {
             max_unit_bytes: options.limits.max_unit_bytes,
             max_metadata_bytes: options.limits.max_metadata_bytes,
             container,
+            remote_connections,
         })
+    }
+
+    /// The threads a copy or a hash uses when the caller does not say: every core, and for an
+    /// image read over HTTP at least one per connection (those threads mostly wait on the network).
+    pub(crate) fn default_threads(&self) -> usize {
+        let cores = crate::copy::default_threads();
+        self.remote_connections.map_or(cores, |n| cores.max(n))
+    }
+
+    /// True when some of the image's bytes come from a remote (HTTP) source.
+    pub fn is_remote(&self) -> bool {
+        self.remote_connections.is_some()
     }
 
     /// The limit on compressed units held in memory.

@@ -225,6 +225,7 @@ fn retryable_faults_end_in_exact_content() {
         ("redirect", fast(4)),
     ] {
         let url = server.url(&format!("_fault/{spec}/disk.raw"));
+        let started = std::time::Instant::now();
         let image = Image::open(&url, &opts).unwrap_or_else(|e| panic!("{spec}: {e}"));
         let mut got = vec![0u8; data.len()];
         // Large reads go out as ranged GETs of their own; small ones through the cache.
@@ -233,6 +234,11 @@ fn retryable_faults_end_in_exact_content() {
             image.read_at(&mut got[off..off + 4096], off as u64).unwrap_or_else(|e| panic!("{spec}: {e}"));
         }
         assert!(got == data, "{spec}: content differs");
+        if spec.starts_with("slow") {
+            // The idle timeout (0.7 s) cut the 3 s stall short and the retry was answered at once.
+            let took = started.elapsed();
+            assert!(took < Duration::from_millis(2500), "{spec}: took {took:?}");
+        }
     }
     let stats = server.stats();
     assert!(stats["status"]["503"].as_u64().unwrap() >= 2, "{stats}");

@@ -6,6 +6,7 @@
 //! user's `progress`. A `KeyboardInterrupt`, or any exception from `progress`, sets the cancel flag
 //! and is raised once the copy has stopped.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -15,7 +16,7 @@ use pyo3::prelude::*;
 use vdisk_core::{ConvertOptions, ExportOptions};
 
 use crate::errors;
-use crate::options::{open_options, Limits};
+use crate::options::{http_options, open_options, Limits};
 
 /// What :func:`vdisk.convert` did.
 #[pyclass(module = "vdisk", frozen)]
@@ -108,6 +109,7 @@ impl ConvertReport {
 #[pyo3(signature = (
     src, dst, *, format=None, references="deny", threads=None, target_is_zero=false, progress=None,
     must_exist=false, require_device=false, limits=None, disk=None, checksum=false, journal=None, restart=false,
+    http_headers=None, http_connections=None, http_retries=None, http_timeout=None, url_refresh=None,
     output_format=None, options=None, compress=false, preset=None, round_up_mib=false, check_space=true
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -127,6 +129,11 @@ pub(crate) fn convert(
     checksum: bool,
     journal: Option<PathBuf>,
     restart: bool,
+    http_headers: Option<HashMap<String, String>>,
+    http_connections: Option<usize>,
+    http_retries: Option<u32>,
+    http_timeout: Option<f64>,
+    url_refresh: Option<PyObject>,
     output_format: Option<&str>,
     options: Option<std::collections::BTreeMap<String, String>>,
     compress: bool,
@@ -147,7 +154,8 @@ pub(crate) fn convert(
     if restart && journal.is_none() {
         return Err(PyValueError::new_err("restart=True needs a journal"));
     }
-    let options = open_options(format, references, limits, disk)?;
+    let mut options = open_options(format, references, limits, disk)?;
+    options.http = http_options(http_headers, http_connections, http_retries, http_timeout, url_refresh)?;
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));
     }

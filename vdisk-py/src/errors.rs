@@ -49,6 +49,13 @@ create_exception!(
 
 create_exception!(
     vdisk,
+    RemoteError,
+    VdiskError,
+    "An http(s) source failed after its retries, answered what vdisk cannot use (a server that ignores Range), or changed during the read; ``status`` is the HTTP status the server last answered, or None."
+);
+
+create_exception!(
+    vdisk,
     JournalError,
     VdiskError,
     "A resume journal does not match the conversion (the message says what changed) or is damaged; pass restart=True to discard it."
@@ -65,6 +72,14 @@ pub(crate) fn to_py(py: Python<'_>, err: Error) -> PyErr {
         ErrorKind::Target => TargetError::new_err(message),
         ErrorKind::Journal => JournalError::new_err(message),
         ErrorKind::Io => os_error(py, &err, message),
+        ErrorKind::Remote => {
+            let status = err.http_status();
+            let exc = RemoteError::new_err(message);
+            if let Err(e) = exc.value(py).setattr("status", status) {
+                return e;
+            }
+            exc
+        }
         _ => VdiskError::new_err(message),
     }
 }
@@ -104,5 +119,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("LimitExceededError", py.get_type::<LimitExceededError>())?;
     m.add("TargetError", py.get_type::<TargetError>())?;
     m.add("JournalError", py.get_type::<JournalError>())?;
+    // `status` exists on the class too (None), so it reads the same on every instance.
+    py.get_type::<RemoteError>().setattr("status", py.None())?;
+    m.add("RemoteError", py.get_type::<RemoteError>())?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `vdisk.open`, `vdisk.Image`, `vdisk.Extent` and the lazy extent iterator.
 
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,7 +11,7 @@ use pyo3::types::{PyBytes, PyType};
 use vdisk_core::{Extent as CoreExtent, ExtentKind, Location};
 
 use crate::errors;
-use crate::options::{open_options, Limits};
+use crate::options::{http_options, open_options, Limits};
 
 /// Extents fetched per batch while the GIL is released: enough that the per-batch cost (one
 /// table lookup to resume) vanishes, few enough that a Python loop that stops early wastes little.
@@ -51,10 +52,23 @@ impl Image {
 /// chooses it; without it the only disk, or the first of several (``info()["format-specific"]``
 /// lists them all, and :func:`convert` then asks for ``disk``).
 ///
-/// Raises ``FileNotFoundError``/``PermissionError``/``OSError`` when the file cannot be read, and a
-/// :class:`VdiskError` subclass when the image is refused.
+/// ``path`` may be an ``http://`` or ``https://`` URL (a presigned or pre-authenticated object
+/// URL): the image is then read with ranged GETs, pinned to the object's ETag. ``http_headers``
+/// adds request headers (``{"Authorization": "Bearer ..."}``), ``http_connections`` bounds the
+/// requests in flight (default 8), ``http_retries`` the retries of a failed request (default 8),
+/// ``http_timeout`` is the idle timeout in seconds (default 60), and ``url_refresh()`` returns a
+/// fresh URL for the same object when the server answers 401/403 (an expired URL). Secrets in
+/// URLs (query strings, OCI tokens) and header values never appear in messages.
+///
+/// Raises ``FileNotFoundError``/``PermissionError``/``OSError`` when the file cannot be read,
+/// :class:`RemoteError` when a URL cannot be read, and a :class:`VdiskError` subclass when the
+/// image is refused.
 #[pyfunction]
-#[pyo3(name = "open", signature = (path, format=None, references="deny", *, limits=None, disk=None))]
+#[pyo3(name = "open", signature = (
+    path, format=None, references="deny", *, limits=None, disk=None, http_headers=None, http_connections=None,
+    http_retries=None, http_timeout=None, url_refresh=None
+))]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn open_image(
     py: Python<'_>,
     path: PathBuf,
@@ -62,8 +76,14 @@ pub(crate) fn open_image(
     references: &str,
     limits: Option<&Limits>,
     disk: Option<i64>,
+    http_headers: Option<HashMap<String, String>>,
+    http_connections: Option<usize>,
+    http_retries: Option<u32>,
+    http_timeout: Option<f64>,
+    url_refresh: Option<PyObject>,
 ) -> PyResult<Image> {
-    let options = open_options(format, references, limits, disk)?;
+    let mut options = open_options(format, references, limits, disk)?;
+    options.http = http_options(http_headers, http_connections, http_retries, http_timeout, url_refresh)?;
     let image = py.allow_threads(|| vdisk_core::Image::open(&path, &options)).map_err(|e| errors::to_py(py, e))?;
     Ok(Image { inner: Mutex::new(Some(Arc::new(image))), path })
 }
@@ -178,11 +198,11 @@ impl Image {
         match guard.as_ref() {
             Some(image) => format!(
                 "<vdisk.Image {:?} format={} virtual_size={}>",
-                self.path.display().to_string(),
+                vdisk_core::redact_url(&self.path.display().to_string()),
                 image.format(),
                 image.virtual_size()
             ),
-            None => format!("<vdisk.Image {:?} closed>", self.path.display().to_string()),
+            None => format!("<vdisk.Image {:?} closed>", vdisk_core::redact_url(&self.path.display().to_string())),
         }
     }
 }

@@ -1,7 +1,11 @@
 //! Arguments shared by `open` and `convert`: format, reference policy, limits.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use vdisk_core::{Format, OpenOptions, ReferencePolicy};
+use vdisk_core::{Format, HttpOptions, OpenOptions, ReferencePolicy};
 
 use crate::errors;
 
@@ -101,4 +105,51 @@ pub(crate) fn open_options(
         disk,
         ..OpenOptions::default()
     })
+}
+
+/// The core's HTTP options from Python's ``http_*`` and ``url_refresh`` arguments.
+///
+/// ``url_refresh`` is called (with the GIL, from whichever thread met the expiry) when the server
+/// answers 401 or 403; it returns a fresh URL for the same object.
+pub(crate) fn http_options(
+    headers: Option<HashMap<String, String>>,
+    connections: Option<usize>,
+    retries: Option<u32>,
+    timeout: Option<f64>,
+    url_refresh: Option<PyObject>,
+) -> PyResult<HttpOptions> {
+    let mut http = HttpOptions::default();
+    if let Some(n) = connections {
+        if n == 0 || n > 256 {
+            return Err(PyValueError::new_err(format!("http_connections must be between 1 and 256, not {n}")));
+        }
+        http.connections = n;
+    }
+    if let Some(n) = retries {
+        http.retries = n;
+    }
+    if let Some(t) = timeout {
+        if !(t > 0.0 && t <= 86_400.0) {
+            return Err(PyValueError::new_err("http_timeout must be a number of seconds between 0 and 86400"));
+        }
+        http.timeout = std::time::Duration::from_secs_f64(t);
+    }
+    if let Some(headers) = headers {
+        let mut pairs: Vec<(String, String)> = headers.into_iter().collect();
+        pairs.sort();
+        http.headers = pairs;
+    }
+    if let Some(callback) = url_refresh {
+        let callable = Python::with_gil(|py| callback.bind(py).is_callable());
+        if !callable {
+            return Err(PyTypeError::new_err("url_refresh must be callable as url_refresh() -> str"));
+        }
+        http.url_refresh = Some(Arc::new(move || {
+            Python::with_gil(|py| {
+                let fresh = callback.call0(py).map_err(|e| format!("url_refresh raised {e}"))?;
+                fresh.extract::<String>(py).map_err(|_| "url_refresh did not return a str".to_string())
+            })
+        }));
+    }
+    Ok(http)
 }

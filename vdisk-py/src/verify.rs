@@ -4,6 +4,7 @@
 //! thread, which also checks for signals (Ctrl-C cancels), and an exception from either stops the
 //! work and is raised once it has stopped.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -13,7 +14,7 @@ use pyo3::prelude::*;
 use vdisk_core::{ChecksumAlgorithm, ChecksumOptions, CompareOptions, Difference};
 
 use crate::errors;
-use crate::options::{open_options, Limits};
+use crate::options::{http_options, open_options, Limits};
 
 /// A digest of an image's guest content, from :func:`vdisk.checksum`.
 #[pyclass(module = "vdisk", frozen, eq)]
@@ -145,7 +146,7 @@ fn run_released<T: Send>(
 #[pyfunction]
 #[pyo3(signature = (
     path, *, format=None, algorithm="blkhash", size=None, references="deny", threads=None, limits=None, progress=None,
-    disk=None
+    disk=None, http_headers=None, http_connections=None, http_retries=None, http_timeout=None, url_refresh=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn checksum(
@@ -159,8 +160,14 @@ pub(crate) fn checksum(
     limits: Option<&Limits>,
     progress: Option<PyObject>,
     disk: Option<i64>,
+    http_headers: Option<HashMap<String, String>>,
+    http_connections: Option<usize>,
+    http_retries: Option<u32>,
+    http_timeout: Option<f64>,
+    url_refresh: Option<PyObject>,
 ) -> PyResult<Checksum> {
-    let options = open_options(format, references, limits, disk)?;
+    let mut options = open_options(format, references, limits, disk)?;
+    options.http = http_options(http_headers, http_connections, http_retries, http_timeout, url_refresh)?;
     let algorithm = algorithm.parse::<ChecksumAlgorithm>().map_err(errors::value_error)?;
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));
@@ -175,7 +182,8 @@ pub(crate) fn checksum(
             cancel: Some(cancel),
             ..ChecksumOptions::default()
         };
-        vdisk_core::checksum(&image, &opts).map_err(|e| e.in_file(&path))
+        let shown = PathBuf::from(vdisk_core::redact_url(&path.display().to_string()));
+        vdisk_core::checksum(&image, &opts).map_err(|e| e.in_file(&shown))
     })?;
     let sum = result.map_err(|e| errors::to_py(py, e))?;
     Ok(Checksum {
@@ -197,7 +205,7 @@ pub(crate) fn checksum(
 #[pyfunction]
 #[pyo3(signature = (
     a, b, *, format_a=None, format_b=None, strict=false, references="deny", threads=None, limits=None, progress=None,
-    disk_a=None, disk_b=None
+    disk_a=None, disk_b=None, http_headers=None, http_connections=None, http_retries=None, http_timeout=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn compare(
@@ -213,9 +221,16 @@ pub(crate) fn compare(
     progress: Option<PyObject>,
     disk_a: Option<i64>,
     disk_b: Option<i64>,
+    http_headers: Option<HashMap<String, String>>,
+    http_connections: Option<usize>,
+    http_retries: Option<u32>,
+    http_timeout: Option<f64>,
 ) -> PyResult<Comparison> {
-    let options_a = open_options(format_a, references, limits, disk_a)?;
-    let options_b = open_options(format_b, references, limits, disk_b)?;
+    let http = http_options(http_headers, http_connections, http_retries, http_timeout, None)?;
+    let mut options_a = open_options(format_a, references, limits, disk_a)?;
+    options_a.http = http.clone();
+    let mut options_b = open_options(format_b, references, limits, disk_b)?;
+    options_b.http = http;
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));
     }
@@ -229,7 +244,8 @@ pub(crate) fn compare(
             cancel: Some(cancel),
             ..CompareOptions::default()
         };
-        let names = (a.display().to_string(), b.display().to_string());
+        let names =
+            (vdisk_core::redact_url(&a.display().to_string()), vdisk_core::redact_url(&b.display().to_string()));
         vdisk_core::compare(&image_a, &image_b, (&names.0, &names.1), &opts).map_err(vdisk_core::Error::from)
     })?;
     let r = result.map_err(|e| errors::to_py(py, e))?;

@@ -197,7 +197,7 @@ pub fn convert(image: &Image, target: impl AsRef<Path>, options: &ConvertOptions
         }
         None => None,
     };
-    let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);
+    let threads = options.threads.unwrap_or_else(|| image.default_threads()).clamp(1, MAX_THREADS);
     let report = |counters: &engine::Counters, checksum, already_complete| ConvertReport {
         virtual_size: size,
         bytes_written: counters.written.load(Relaxed),

@@ -369,7 +369,7 @@ impl HttpSource {
         for (name, value) in &self.options.headers {
             req = req.header(name.as_str(), value.as_str());
         }
-        req.call().map_err(transport_failure)
+        req.call().map_err(|e| transport_failure(e, self.options.timeout))
     }
 
     /// Refuse any reply but a 206; say what the server answered.
@@ -645,11 +645,14 @@ fn build_agent(url: &str, options: &HttpOptions) -> Result<ureq::Agent> {
 }
 
 /// A transport failure (no usable reply), with its retry decision.
-fn transport_failure(e: ureq::Error) -> Attempt {
+fn transport_failure(e: ureq::Error, idle: Duration) -> Attempt {
     use ureq::Error as E;
     let text = redact_text(&e.to_string());
     match e {
-        E::Io(_) | E::Timeout(_) | E::ConnectionFailed | E::HostNotFound | E::Protocol(_) => {
+        E::Timeout(_) => {
+            Attempt::transient(format!("no data arrived for {} s (the idle timeout): {text}", idle.as_secs_f64()), None)
+        }
+        E::Io(_) | E::ConnectionFailed | E::HostNotFound | E::Protocol(_) => {
             Attempt::transient(format!("the connection failed: {text}"), None)
         }
         E::TooManyRedirects => Attempt::fatal(format!("more than {MAX_REDIRECTS} redirects"), None),

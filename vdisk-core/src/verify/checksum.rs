@@ -19,7 +19,7 @@ use super::blkhash::{hex, StreamHasher, BLKHASH_BLOCK_SIZE};
 use super::fold::{Fold, OrderedFold};
 use super::pool::{self, Reporting};
 use super::PageBuf;
-use crate::copy::{default_threads, Progress, DEFAULT_PROGRESS_INTERVAL, MAX_THREADS};
+use crate::copy::{Progress, DEFAULT_PROGRESS_INTERVAL, MAX_THREADS};
 use crate::decompress::ReadScratch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
@@ -325,7 +325,7 @@ pub fn checksum(image: &Image, options: &ChecksumOptions<'_>) -> Result<Checksum
             ))
         }
     };
-    let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);
+    let threads = options.threads.unwrap_or_else(|| image.default_threads()).clamp(1, MAX_THREADS);
     let reporting =
         Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
     let done = AtomicU64::new(0);

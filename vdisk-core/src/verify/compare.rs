@@ -391,7 +391,10 @@ pub fn compare(
     if options.strict && size_a != size_b {
         return Ok(report(Some(Difference::Size), 0));
     }
-    let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);
+    let threads = options
+        .threads
+        .unwrap_or_else(|| default_threads().max(a.default_threads()).max(b.default_threads()))
+        .clamp(1, MAX_THREADS);
     let reporting =
         Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
     let total = size_a.max(size_b);

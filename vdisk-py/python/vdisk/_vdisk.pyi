@@ -26,6 +26,7 @@ __all__ = [
     "Limits",
     "Measure",
     "ReferenceDeniedError",
+    "RemoteError",
     "TargetError",
     "UnsupportedFeatureError",
     "VdiskError",
@@ -62,6 +63,12 @@ class TargetError(VdiskError):
 
 class JournalError(VdiskError):
     """A resume journal does not match the conversion or is damaged; ``restart=True`` discards it."""
+
+class RemoteError(VdiskError):
+    """An http(s) source failed after its retries, ignores Range, or changed during the read."""
+
+    status: int | None
+    """The HTTP status the server last answered, or None (a connection failure)."""
 
 @final
 class Limits:
@@ -273,8 +280,13 @@ def open(
     *,
     limits: Limits | None = None,
     disk: int | None = None,
+    http_headers: Mapping[str, str] | None = None,
+    http_connections: int | None = None,
+    http_retries: int | None = None,
+    http_timeout: float | None = None,
+    url_refresh: Callable[[], str] | None = None,
 ) -> Image:
-    """Open the disk image at ``path`` (``disk`` chooses a disk of an OVA, 1-based)."""
+    """Open the disk image at ``path``, a file or an ``http(s)://`` URL (``disk`` chooses a disk of an OVA)."""
 
 def convert(
     src: _Path,
@@ -292,6 +304,11 @@ def convert(
     checksum: bool = False,
     journal: _Path | None = None,
     restart: bool = False,
+    http_headers: Mapping[str, str] | None = None,
+    http_connections: int | None = None,
+    http_retries: int | None = None,
+    http_timeout: float | None = None,
+    url_refresh: Callable[[], str] | None = None,
     output_format: _OutputFormat | None = None,
     options: Mapping[str, str] | None = None,
     compress: bool = False,
@@ -326,6 +343,11 @@ def checksum(
     limits: Limits | None = None,
     progress: Callable[[int, int], object] | None = None,
     disk: int | None = None,
+    http_headers: Mapping[str, str] | None = None,
+    http_connections: int | None = None,
+    http_retries: int | None = None,
+    http_timeout: float | None = None,
+    url_refresh: Callable[[], str] | None = None,
 ) -> Checksum:
     """The digest of the guest content of the image at ``path``, independent of its format."""
 
@@ -342,5 +364,9 @@ def compare(
     progress: Callable[[int, int], object] | None = None,
     disk_a: int | None = None,
     disk_b: int | None = None,
+    http_headers: Mapping[str, str] | None = None,
+    http_connections: int | None = None,
+    http_retries: int | None = None,
+    http_timeout: float | None = None,
 ) -> Comparison:
     """Compare the guest content of two images (qemu-img compare's semantics)."""

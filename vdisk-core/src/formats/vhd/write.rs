@@ -21,10 +21,11 @@
 //! # Fixed
 //!
 //! The guest data at its own offset, then the 512-byte footer: the file is exactly the virtual
-//! size plus 512 bytes. The whole file is allocated with `posix_fallocate` when the writer is
-//! created (Hyper-V refuses sparse VHD files, and Azure wants a fixed disk), so all-zero data
-//! need not be written: allocated space that was never written reads as zeros. qemu-img's fixed
-//! VHD, by contrast, is a sparse file.
+//! size plus 512 bytes. The whole file is allocated with `fallocate` when the writer is created
+//! (Hyper-V refuses sparse VHD files, and Azure wants a fixed disk), so all-zero data need not
+//! be written: allocated space that was never written reads as zeros. Where the file system
+//! cannot preallocate, every byte is written, zeros included, so the file is still not sparse.
+//! qemu-img's fixed VHD, by contrast, is a sparse file.
 //!
 //! # Dynamic
 //!
@@ -59,7 +60,7 @@ use super::dynamic::{
 };
 use super::footer::{checksum, Geometry, RawFooter, FOOTER_CHECKSUM_FIELD, FOOTER_MAGIC, FOOTER_SIZE};
 use crate::copy::is_zero;
-use crate::copy::writer::{option_error, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{option_error, parse_bool, Allocated, FormatWriter, Measure};
 use crate::error::{Error, Result};
 
 /// Block size of a dynamic disk: what Hyper-V, Virtual PC and qemu-img write.
@@ -170,15 +171,6 @@ impl VhdOptions {
     }
 }
 
-/// A qemu-style boolean option value.
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(option_error(format!("vpc: option '{key}' takes 'on' or 'off', not '{value}'"))),
-    }
-}
-
 /// The virtual size rounded up to whole sectors, refused past what the subformat can hold.
 fn disk_size(virtual_size: u64, subformat: Subformat) -> Result<u64> {
     let size = virtual_size
@@ -228,13 +220,28 @@ pub(crate) fn measure(virtual_size: u64, allocated: &Allocated<'_>, options: &Vh
 
 /// Start writing a VHD of `virtual_size` bytes into `file` (a new, empty file).
 pub(crate) fn create(file: File, virtual_size: u64, options: &VhdOptions) -> Result<Box<dyn FormatWriter>> {
+    create_with(file, virtual_size, options, true)
+}
+
+/// [`create`], trying to preallocate a fixed disk when `preallocate` (tests turn it off to check
+/// the dense writes used where the file system cannot preallocate).
+fn create_with(
+    file: File,
+    virtual_size: u64,
+    options: &VhdOptions,
+    preallocate: bool,
+) -> Result<Box<dyn FormatWriter>> {
     let size = disk_size(virtual_size, options.subformat)?;
     prepare(&file)?;
     let footer = footer_bytes(size, options.subformat, now_vhd(), random_id());
     let kind = match options.subformat {
         Subformat::Fixed => {
-            allocate(&file, size + FOOTER_SIZE)?;
-            Kind::Fixed
+            let len = size + FOOTER_SIZE;
+            let allocated = preallocate && allocate(&file, len)?;
+            if !allocated {
+                file.set_len(len).map_err(|e| Error::io("setting the length of the fixed VHD", e))?;
+            }
+            Kind::Fixed { dense: !allocated }
         }
         Subformat::Dynamic => {
             let (entries, first_slot) = dynamic_layout(size);
@@ -258,19 +265,21 @@ fn prepare(file: &File) -> Result<()> {
     Ok(())
 }
 
-/// Allocate `len` bytes of `file` so the output is not sparse.
-fn allocate(file: &File, len: u64) -> Result<()> {
+/// Allocate `len` bytes of `file` so the output is not sparse: true when done, false when the
+/// file system cannot (the writer then writes every byte, zeros included). `fallocate(2)`
+/// directly, not `posix_fallocate`, whose fallback writes a byte into every block.
+fn allocate(file: &File, len: u64) -> Result<bool> {
     let len = i64::try_from(len).map_err(|_| Error::target(format!("a file of {len} bytes is too large")))?;
-    // SAFETY: posix_fallocate only reads its integer arguments; the descriptor is owned by
-    // `file`, which outlives the call.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
-    if rc != 0 {
-        return Err(Error::io(
-            format!("cannot allocate the {len} bytes of the fixed VHD"),
-            std::io::Error::from_raw_os_error(rc),
-        ));
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`,
+    // which outlives the call.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+        return Ok(true);
     }
-    Ok(())
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(Error::io(format!("cannot allocate the {len} bytes of the fixed VHD"), err)),
+    }
 }
 
 /// The writer of one VHD.
@@ -286,7 +295,10 @@ struct VhdWriter {
 
 #[derive(Debug)]
 enum Kind {
-    Fixed,
+    /// `dense`: the file could not be preallocated, so zeros are written too.
+    Fixed {
+        dense: bool,
+    },
     Dynamic(Dynamic),
 }
 
@@ -369,7 +381,8 @@ impl FormatWriter for VhdWriter {
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_range(offset, data.len() as u64)?;
         match &self.kind {
-            Kind::Fixed => {
+            Kind::Fixed { dense: true } => self.write_at(data, offset),
+            Kind::Fixed { dense: false } => {
                 // The file is allocated and reads as zeros: write only the non-zero runs.
                 let mut run: Option<usize> = None;
                 for (i, chunk) in data.chunks(ZERO_CHUNK).enumerate() {
@@ -409,9 +422,17 @@ impl FormatWriter for VhdWriter {
         }
     }
 
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        if matches!(self.kind, Kind::Fixed { dense: true }) {
+            write_zeros(&self.file, offset, len)?;
+        }
+        Ok(())
+    }
+
     fn finish(&self) -> Result<u64> {
         let end = match &self.kind {
-            Kind::Fixed => self.size,
+            Kind::Fixed { .. } => self.size,
             Kind::Dynamic(d) => {
                 let entries = d.bat.len() as u64;
                 let header = header_bytes(entries)?;
@@ -435,6 +456,20 @@ impl FormatWriter for VhdWriter {
         self.file.sync_all().map_err(|e| Error::io("syncing the VHD", e))?;
         Ok(len)
     }
+}
+
+/// Write `len` zero bytes at `offset`, a MiB at a time.
+fn write_zeros(file: &File, offset: u64, len: u64) -> Result<()> {
+    let zeros = vec![0u8; usize::try_from(len.min(1 << 20)).unwrap_or(1 << 20)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64);
+        let at = offset + done;
+        file.write_all_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)
+            .map_err(|e| Error::io(format!("writing zeros into the VHD at {at:#x}"), e))?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// The CHS geometry the VHD specification assigns to a disk of `size` bytes (its appendix

@@ -36,8 +36,9 @@
 //! (an atomic bump pointer: blocks land in arrival order and threads never wait for one
 //! another); blocks with no non-zero byte stay unallocated. A fixed disk has every block at its
 //! own place, FULLY_PRESENT, the file parameters' LeaveBlocksAllocated flag set, and the whole
-//! file allocated with `posix_fallocate` when the writer is created (so all-zero data need not be
-//! written, and the file is not sparse as qemu-img's is). The BAT, metadata, region tables,
+//! file allocated with `fallocate` when the writer is created (so all-zero data need not be
+//! written, and the file is not sparse as qemu-img's is); where the file system cannot
+//! preallocate, every byte is written, zeros included. The BAT, metadata, region tables,
 //! headers and file identifier are written by `finish`.
 //!
 //! # Measure
@@ -76,7 +77,7 @@ use super::region::{
 };
 use super::MIB;
 use crate::copy::is_zero;
-use crate::copy::writer::{option_error, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{option_error, parse_bool, parse_size, Allocated, FormatWriter, Measure};
 use crate::error::{Error, Result};
 
 /// Hyper-V's payload block size, the default.
@@ -212,32 +213,6 @@ impl VhdxOptions {
     }
 }
 
-/// A qemu-style boolean option value.
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(option_error(format!("vhdx: option '{key}' takes 'on' or 'off', not '{value}'"))),
-    }
-}
-
-/// A size as qemu-img writes one: digits, optionally followed by `B`, `K`, `M`, `G` or `T`
-/// (binary multiples, any case).
-fn parse_size(key: &str, value: &str) -> Result<u64> {
-    let bad = || option_error(format!("vhdx: option '{key}' takes a size such as 32M, not '{value}'"));
-    let digits = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let shift = match &value[digits.len()..] {
-        "" | "b" | "B" => 0,
-        "k" | "K" => 10,
-        "m" | "M" => 20,
-        "g" | "G" => 30,
-        "t" | "T" => 40,
-        _ => return Err(bad()),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
-}
-
 /// Where everything goes in a VHDX of `size` bytes with `o`'s parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Layout {
@@ -307,6 +282,17 @@ pub(crate) fn measure(virtual_size: u64, allocated: &Allocated<'_>, options: &Vh
 
 /// Start writing a VHDX of `virtual_size` bytes into `file` (a new, empty file).
 pub(crate) fn create(file: File, virtual_size: u64, options: &VhdxOptions) -> Result<Box<dyn FormatWriter>> {
+    create_with(file, virtual_size, options, true)
+}
+
+/// [`create`], trying to preallocate a fixed disk when `preallocate` (tests turn it off to check
+/// the dense writes used where the file system cannot preallocate).
+fn create_with(
+    file: File,
+    virtual_size: u64,
+    options: &VhdxOptions,
+    preallocate: bool,
+) -> Result<Box<dyn FormatWriter>> {
     let layout = Layout::new(virtual_size, options)?;
     prepare(&file)?;
     let blocks = usize::try_from(layout.blocks)
@@ -315,10 +301,19 @@ pub(crate) fn create(file: File, virtual_size: u64, options: &VhdxOptions) -> Re
     bat.try_reserve_exact(blocks)
         .map_err(|_| Error::limit(format!("the BAT of {blocks} VHDX blocks does not fit in memory")))?;
     bat.resize_with(blocks, || AtomicU64::new(PAYLOAD_BLOCK_NOT_PRESENT));
+    let mut dense = false;
     if options.subformat == Subformat::Fixed {
-        allocate(&file, layout.file_len(layout.blocks))?;
+        let len = layout.file_len(layout.blocks);
+        if !(preallocate && allocate(&file, len)?) {
+            // Write what the engine will not: the metadata area and the tail of the last block.
+            dense = true;
+            file.set_len(len).map_err(|e| Error::io("setting the length of the fixed VHDX", e))?;
+            write_zeros(&file, 0, layout.data_offset)?;
+            let end = layout.data_offset + layout.size;
+            write_zeros(&file, end, len - end)?;
+        }
     }
-    Ok(Box::new(VhdxWriter { file, layout, options: options.clone(), bat, slots: AtomicU64::new(0) }))
+    Ok(Box::new(VhdxWriter { file, layout, options: options.clone(), bat, slots: AtomicU64::new(0), dense }))
 }
 
 /// Check that the output is a regular file and empty it, so that space never written reads
@@ -334,17 +329,33 @@ fn prepare(file: &File) -> Result<()> {
     Ok(())
 }
 
-/// Allocate `len` bytes of `file` so the output is not sparse.
-fn allocate(file: &File, len: u64) -> Result<()> {
+/// Allocate `len` bytes of `file` so the output is not sparse: true when done, false when the
+/// file system cannot (the writer then writes every byte, zeros included). `fallocate(2)`
+/// directly, not `posix_fallocate`, whose fallback writes a byte into every block.
+fn allocate(file: &File, len: u64) -> Result<bool> {
     let len = i64::try_from(len).map_err(|_| Error::target(format!("a file of {len} bytes is too large")))?;
-    // SAFETY: posix_fallocate only reads its integer arguments; the descriptor is owned by
-    // `file`, which outlives the call.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
-    if rc != 0 {
-        return Err(Error::io(
-            format!("cannot allocate the {len} bytes of the fixed VHDX"),
-            std::io::Error::from_raw_os_error(rc),
-        ));
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`,
+    // which outlives the call.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(Error::io(format!("cannot allocate the {len} bytes of the fixed VHDX"), err)),
+    }
+}
+
+/// Write `len` zero bytes at `offset`, a MiB at a time.
+fn write_zeros(file: &File, offset: u64, len: u64) -> Result<()> {
+    let zeros = vec![0u8; usize::try_from(len.min(MIB)).unwrap_or(0)];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64);
+        let at = offset + done;
+        file.write_all_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)
+            .map_err(|e| Error::io(format!("writing zeros into the VHDX at {at:#x}"), e))?;
+        done += n;
     }
     Ok(())
 }
@@ -359,6 +370,8 @@ struct VhdxWriter {
     bat: Vec<AtomicU64>,
     /// Blocks allocated so far in a dynamic disk (the bump pointer).
     slots: AtomicU64,
+    /// A fixed disk whose file could not be preallocated: zeros are written too.
+    dense: bool,
 }
 
 impl VhdxWriter {
@@ -391,6 +404,16 @@ impl VhdxWriter {
                 RESERVING => std::thread::yield_now(),
                 e => return Ok(e >> OFFSET_SHIFT << OFFSET_SHIFT),
             }
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.layout.size => Ok(()),
+            _ => Err(Error::target(format!(
+                "a write at {offset:#x} (+{len:#x}) reaches past the {}-byte VHDX",
+                self.layout.size
+            ))),
         }
     }
 
@@ -455,12 +478,10 @@ impl FormatWriter for VhdxWriter {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let l = &self.layout;
-        if !offset.checked_add(data.len() as u64).is_some_and(|end| end <= l.size) {
-            return Err(Error::target(format!(
-                "a write at {offset:#x} (+{:#x}) reaches past the {}-byte VHDX",
-                data.len(),
-                l.size
-            )));
+        self.check_range(offset, data.len() as u64)?;
+        if self.dense {
+            // A fixed disk's blocks lie in guest order from the data offset: zeros too go there.
+            self.write_at(data, l.data_offset + offset)?;
         }
         let mut pos = offset;
         let mut rest = data;
@@ -471,12 +492,21 @@ impl FormatWriter for VhdxWriter {
             if !is_zero(piece) {
                 let at = self.block(pos / l.block_size)? + in_block;
                 match self.options.subformat {
+                    Subformat::Fixed if self.dense => {}
                     Subformat::Fixed => self.write_nonzero(piece, at)?,
                     Subformat::Dynamic => self.write_at(piece, at)?,
                 }
             }
             pos += n as u64;
             rest = tail;
+        }
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        if self.dense {
+            write_zeros(&self.file, self.layout.data_offset + offset, len)?;
         }
         Ok(())
     }

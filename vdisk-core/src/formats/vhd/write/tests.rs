@@ -498,3 +498,22 @@ mod proptests {
         }
     }
 }
+
+#[test]
+fn fixed_without_preallocation_writes_every_byte() {
+    // Where fallocate is not supported, zeros are written: the file is still not sparse.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dense.vhd");
+    let size: u64 = 20 << 20;
+    let data = content(size as usize, 77);
+    assert!(data.chunks(BLOCK_SIZE as usize).any(is_zero), "the sample needs zero items");
+    let file = File::options().read(true).write(true).create_new(true).open(&path).unwrap();
+    let w = create_with(file, size, &VhdOptions { subformat: Subformat::Fixed, force_size: false }, false).unwrap();
+    assert_eq!(drive(w.as_ref(), &data, 3, 13), size + 512);
+    let meta = std::fs::metadata(&path).unwrap();
+    assert!(meta.blocks() * 512 >= size + 512, "the fixed VHD is sparse: {} bytes allocated", meta.blocks() * 512);
+    assert!(vdisk_read(&path).1 == data);
+    if have_qemu() {
+        assert!(qemu_read(&path, dir.path()).1 == data, "qemu-img reads back different content");
+    }
+}

@@ -595,3 +595,24 @@ mod proptests {
         }
     }
 }
+
+#[test]
+fn fixed_without_preallocation_writes_every_byte() {
+    // Where fallocate is not supported, zeros are written: the file is still not sparse.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dense.vhdx");
+    let size = (13 << 20) + 4096;
+    let data = content(size, 1 << 20, 78);
+    assert!(data.chunks(1 << 20).any(is_zero), "the sample needs zero items");
+    let o = options(&[("subformat", "fixed"), ("block_size", "4M")]);
+    let file = File::options().read(true).write(true).create_new(true).open(&path).unwrap();
+    let w = create_with(file, size as u64, &o, false).unwrap();
+    let len = drive(w.as_ref(), &data, 3, 14);
+    assert_eq!(len, (4 << 20) + 4 * (4 << 20));
+    let meta = std::fs::metadata(&path).unwrap();
+    assert!(meta.blocks() * 512 >= len, "the fixed VHDX is sparse: {} bytes allocated", meta.blocks() * 512);
+    assert!(vdisk_read(&path).1 == data);
+    if have_qemu() {
+        assert!(qemu_read(&path, dir.path()).1 == data, "qemu-img reads back different content");
+    }
+}
