@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::engine::{Counters, Reporting};
 use super::plan::{WorkItem, MAX_ZERO_ITEM};
 use super::writer::{option_error, FormatWriter, Measure};
-use super::{default_threads, ConvertReport, TargetKind, DEFAULT_ITEM_SIZE, DEFAULT_PROGRESS_INTERVAL, MAX_THREADS};
+use super::{ConvertReport, TargetKind, DEFAULT_ITEM_SIZE, DEFAULT_PROGRESS_INTERVAL, MAX_THREADS};
 use crate::decompress::ReadScratch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
@@ -448,7 +448,7 @@ pub fn export(image: &Image, target: impl AsRef<Path>, options: &ExportOptions<'
     let (temp, file) = create_temp(&dir, &name)?;
     let guard = TempGuard(Some(temp.clone()));
     let writer = writer_options.create(file, size)?;
-    let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);
+    let threads = options.threads.unwrap_or_else(|| image.default_threads()).clamp(1, MAX_THREADS);
     let counters = Counters::default();
     let reporting =
         Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
