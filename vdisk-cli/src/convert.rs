@@ -270,7 +270,7 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
     match args.output {
         OutputArg::Human => {
             if let Some(sum) = &report.checksum {
-                println!("{sum}  {}", args.dst.display());
+                outln!("{sum}  {}", args.dst.display());
             }
         }
         OutputArg::Json => {
@@ -287,7 +287,7 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
             if let (Some(sum), Some(map)) = (&report.checksum, out.as_object_mut()) {
                 map.insert("checksum".into(), sum.as_str().into());
             }
-            println!("{out}");
+            outln!("{out}");
         }
     }
     Ok(0)
@@ -349,7 +349,7 @@ fn run_export(args: &Args, format: vdisk_core::OutputFormat, options: Vec<(Strin
             "threads": report.threads,
             "target": report.target.as_str(),
         });
-        println!("{out}");
+        outln!("{out}");
     }
     Ok(0)
 }
