@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use vdisk_core::{ConvertOptions, ExportOptions};
 
 use crate::errors;
-use crate::options::{http_options, open_options, Limits};
+use crate::options::{open_options, HttpArgs, Limits};
 
 /// What :func:`vdisk.convert` did.
 #[pyclass(module = "vdisk", frozen)]
@@ -109,7 +109,7 @@ impl ConvertReport {
 #[pyo3(signature = (
     src, dst, *, format=None, references="deny", threads=None, target_is_zero=false, progress=None,
     must_exist=false, require_device=false, limits=None, disk=None, checksum=false, journal=None, restart=false,
-    http_headers=None, http_connections=None, http_retries=None, http_timeout=None, url_refresh=None,
+    headers=None, http=None, http_headers=None, http_connections=None, http_retries=None, http_timeout=None, url_refresh=None,
     output_format=None, options=None, compress=false, preset=None, round_up_mib=false, check_space=true
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -129,6 +129,8 @@ pub(crate) fn convert(
     checksum: bool,
     journal: Option<PathBuf>,
     restart: bool,
+    headers: Option<HashMap<String, String>>,
+    http: Option<HashMap<String, PyObject>>,
     http_headers: Option<HashMap<String, String>>,
     http_connections: Option<usize>,
     http_retries: Option<u32>,
@@ -155,7 +157,8 @@ pub(crate) fn convert(
         return Err(PyValueError::new_err("restart=True needs a journal"));
     }
     let mut options = open_options(format, references, limits, disk)?;
-    options.http = http_options(http_headers, http_connections, http_retries, http_timeout, url_refresh)?;
+    options.http = HttpArgs { headers, http, http_headers, http_connections, http_retries, http_timeout, url_refresh }
+        .into_options(py)?;
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));
     }

@@ -11,7 +11,7 @@ use pyo3::types::{PyBytes, PyType};
 use vdisk_core::{Extent as CoreExtent, ExtentKind, Location};
 
 use crate::errors;
-use crate::options::{http_options, open_options, Limits};
+use crate::options::{open_options, HttpArgs, Limits};
 
 /// Extents fetched per batch while the GIL is released: enough that the per-batch cost (one
 /// table lookup to resume) vanishes, few enough that a Python loop that stops early wastes little.
@@ -57,7 +57,9 @@ impl Image {
 /// adds request headers (``{"Authorization": "Bearer ..."}``), ``http_connections`` bounds the
 /// requests in flight (default 8), ``http_retries`` the retries of a failed request (default 8),
 /// ``http_timeout`` is the idle timeout in seconds (default 60), and ``url_refresh()`` returns a
-/// fresh URL for the same object when the server answers 401/403 (an expired URL). Secrets in
+/// fresh URL for the same object when the server answers 401/403 (an expired URL). The same
+/// settings may be given as ``headers=`` and ``http={"connections": 8, "retries": 8, "timeout":
+/// 60, "url_refresh": f, "headers": {...}}``; naming one twice is a ``ValueError``. Secrets in
 /// URLs (query strings, OCI tokens) and header values never appear in messages.
 ///
 /// Raises ``FileNotFoundError``/``PermissionError``/``OSError`` when the file cannot be read,
@@ -65,7 +67,7 @@ impl Image {
 /// image is refused.
 #[pyfunction]
 #[pyo3(name = "open", signature = (
-    path, format=None, references="deny", *, limits=None, disk=None, http_headers=None, http_connections=None,
+    path, format=None, references="deny", *, limits=None, disk=None, headers=None, http=None, http_headers=None, http_connections=None,
     http_retries=None, http_timeout=None, url_refresh=None
 ))]
 #[allow(clippy::too_many_arguments)]
@@ -76,6 +78,8 @@ pub(crate) fn open_image(
     references: &str,
     limits: Option<&Limits>,
     disk: Option<i64>,
+    headers: Option<HashMap<String, String>>,
+    http: Option<HashMap<String, PyObject>>,
     http_headers: Option<HashMap<String, String>>,
     http_connections: Option<usize>,
     http_retries: Option<u32>,
@@ -83,7 +87,8 @@ pub(crate) fn open_image(
     url_refresh: Option<PyObject>,
 ) -> PyResult<Image> {
     let mut options = open_options(format, references, limits, disk)?;
-    options.http = http_options(http_headers, http_connections, http_retries, http_timeout, url_refresh)?;
+    options.http = HttpArgs { headers, http, http_headers, http_connections, http_retries, http_timeout, url_refresh }
+        .into_options(py)?;
     let image = py.allow_threads(|| vdisk_core::Image::open(&path, &options)).map_err(|e| errors::to_py(py, e))?;
     Ok(Image { inner: Mutex::new(Some(Arc::new(image))), path })
 }

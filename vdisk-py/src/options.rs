@@ -107,6 +107,72 @@ pub(crate) fn open_options(
     })
 }
 
+/// The HTTP keyword arguments of :func:`vdisk.open`, :func:`vdisk.convert` and
+/// :func:`vdisk.checksum`, in both spellings: ``headers=`` and ``http={"connections": ...,
+/// "retries": ..., "timeout": ..., "url_refresh": ..., "headers": ...}``, or the flat
+/// ``http_headers=``, ``http_connections=``, ``http_retries=``, ``http_timeout=``, ``url_refresh=``.
+/// Naming one setting twice is a ``ValueError``.
+#[derive(Default)]
+pub(crate) struct HttpArgs {
+    pub(crate) headers: Option<HashMap<String, String>>,
+    pub(crate) http: Option<HashMap<String, PyObject>>,
+    pub(crate) http_headers: Option<HashMap<String, String>>,
+    pub(crate) http_connections: Option<usize>,
+    pub(crate) http_retries: Option<u32>,
+    pub(crate) http_timeout: Option<f64>,
+    pub(crate) url_refresh: Option<PyObject>,
+}
+
+impl HttpArgs {
+    /// The core's options, after merging the two spellings.
+    pub(crate) fn into_options(self, py: Python<'_>) -> PyResult<HttpOptions> {
+        fn once<T>(slot: &mut Option<T>, value: Option<T>, name: &str) -> PyResult<()> {
+            if value.is_some() {
+                if slot.is_some() {
+                    return Err(PyValueError::new_err(format!("{name} is given twice")));
+                }
+                *slot = value;
+            }
+            Ok(())
+        }
+        let HttpArgs {
+            headers,
+            http,
+            mut http_headers,
+            mut http_connections,
+            mut http_retries,
+            mut http_timeout,
+            mut url_refresh,
+        } = self;
+        once(&mut http_headers, headers, "the HTTP headers (headers= / http_headers=)")?;
+        for (key, value) in http.unwrap_or_default() {
+            let value = value.bind(py);
+            let bad = |what: &str| PyTypeError::new_err(format!("http[{key:?}] must be {what}"));
+            match key.as_str() {
+                "connections" => {
+                    once(&mut http_connections, Some(value.extract().map_err(|_| bad("an int"))?), "connections")?
+                }
+                "retries" => once(&mut http_retries, Some(value.extract().map_err(|_| bad("an int"))?), "retries")?,
+                "timeout" => {
+                    once(&mut http_timeout, Some(value.extract().map_err(|_| bad("a number of seconds"))?), "timeout")?
+                }
+                "headers" => once(
+                    &mut http_headers,
+                    Some(value.extract().map_err(|_| bad("a dict of str to str"))?),
+                    "the HTTP headers",
+                )?,
+                "url_refresh" => once(&mut url_refresh, Some(value.clone().unbind()), "url_refresh")?,
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "unknown http setting {other:?} (connections, retries, timeout, headers, url_refresh)"
+                    )))
+                }
+            }
+        }
+        http_options(http_headers, http_connections, http_retries, http_timeout, url_refresh)
+    }
+}
+
 /// The core's HTTP options from Python's ``http_*`` and ``url_refresh`` arguments.
 ///
 /// ``url_refresh`` is called (with the GIL, from whichever thread met the expiry) when the server

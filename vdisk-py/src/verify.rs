@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use vdisk_core::{ChecksumAlgorithm, ChecksumOptions, CompareOptions, Difference};
 
 use crate::errors;
-use crate::options::{http_options, open_options, Limits};
+use crate::options::{http_options, open_options, HttpArgs, Limits};
 
 /// A digest of an image's guest content, from :func:`vdisk.checksum`.
 #[pyclass(module = "vdisk", frozen, eq)]
@@ -146,7 +146,7 @@ fn run_released<T: Send>(
 #[pyfunction]
 #[pyo3(signature = (
     path, *, format=None, algorithm="blkhash", size=None, references="deny", threads=None, limits=None, progress=None,
-    disk=None, http_headers=None, http_connections=None, http_retries=None, http_timeout=None, url_refresh=None
+    disk=None, headers=None, http=None, http_headers=None, http_connections=None, http_retries=None, http_timeout=None, url_refresh=None
 ))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn checksum(
@@ -160,6 +160,8 @@ pub(crate) fn checksum(
     limits: Option<&Limits>,
     progress: Option<PyObject>,
     disk: Option<i64>,
+    headers: Option<HashMap<String, String>>,
+    http: Option<HashMap<String, PyObject>>,
     http_headers: Option<HashMap<String, String>>,
     http_connections: Option<usize>,
     http_retries: Option<u32>,
@@ -167,7 +169,8 @@ pub(crate) fn checksum(
     url_refresh: Option<PyObject>,
 ) -> PyResult<Checksum> {
     let mut options = open_options(format, references, limits, disk)?;
-    options.http = http_options(http_headers, http_connections, http_retries, http_timeout, url_refresh)?;
+    options.http = HttpArgs { headers, http, http_headers, http_connections, http_retries, http_timeout, url_refresh }
+        .into_options(py)?;
     let algorithm = algorithm.parse::<ChecksumAlgorithm>().map_err(errors::value_error)?;
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));

@@ -103,6 +103,35 @@ def test_headers_reach_the_server(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_the_issue_spelling_headers_and_http(tmp_path: Path) -> None:
+    """``vdisk.open(url, headers=..., http=...)`` and ``convert`` likewise; a setting named in
+    both spellings, or an unknown one, is refused."""
+    make_qcow2(tmp_path / "disk.qcow2")
+    server = Server(tmp_path, "--require-header", "Authorization: Bearer HSECRET")
+    try:
+        url = server.url("disk.qcow2")
+        auth = {"Authorization": "Bearer HSECRET"}
+        with vdisk.open(url, headers=auth, http={"connections": 2, "retries": 1, "timeout": 30}) as img:
+            assert img.virtual_size == 64 * MiB
+        with vdisk.open(url, http={"headers": auth}) as img:
+            assert img.virtual_size == 64 * MiB
+        report = vdisk.convert(url, tmp_path / "out.raw", headers=auth, http={"connections": 3})
+        assert report.virtual_size == 64 * MiB
+        vdisk.convert(tmp_path / "disk.qcow2", tmp_path / "local.raw")
+        assert (tmp_path / "out.raw").read_bytes() == (tmp_path / "local.raw").read_bytes()
+        assert vdisk.checksum(url, headers=auth).digest == vdisk.checksum(tmp_path / "disk.qcow2").digest
+        with pytest.raises(ValueError, match="given twice"):
+            vdisk.open(url, headers=auth, http_headers=auth)
+        with pytest.raises(ValueError, match="given twice"):
+            vdisk.open(url, headers=auth, http={"connections": 2}, http_connections=2)
+        with pytest.raises(ValueError, match="unknown http setting"):
+            vdisk.open(url, headers=auth, http={"conections": 2})
+        with pytest.raises(TypeError, match="connections"):
+            vdisk.open(url, headers=auth, http={"connections": "many"})
+    finally:
+        server.stop()
+
+
 def test_url_refresh_replaces_an_expired_url(served: tuple[Server, Path], tmp_path: Path) -> None:
     server, root = served
     calls: list[int] = []
