@@ -22,12 +22,23 @@ Steps 2 to 4 are mapped over the disk list (dynamic task mapping, ``.expand()``)
 several disks fans out into one task per disk at each step, so the disks convert in parallel on
 the workers.
 
+The upload is read where it lies: ``image`` may be the object's pre-authenticated URL (an OCI
+pre-authenticated request, an S3 presigned URL, an Azure SAS or GCS signed URL) instead of a
+downloaded file. vdisk fetches only the image's metadata and allocated data with parallel ranged
+GETs, pinned to the object's ETag, so there is no download step and no scratch disk. The URL's
+secrets (query string, the token of an OCI pre-authenticated URL) never reach the task log or
+XCom: tasks show the redacted URL (``...`` in place of the secrets) and read the real one from the
+run's ``conf``. Token-authenticated endpoints take ``http_headers``.
+
 Creating the instance and creating/attaching the volumes are the cloud steps around these and
 are out of scope: the attached devices are the ``device`` parameter (a disk image or a one-disk
 OVA) or the ``devices`` list (an OVA's disks, in order). Trigger with, for example::
 
     airflow dags trigger vdisk_image_import \\
         --conf '{"image": "/data/upload/image.source", "device": "/dev/oracleoci/oraclevdb"}'
+    airflow dags trigger vdisk_image_import \\
+        --conf '{"image": "https://objectstorage.example.com/p/TOKEN/n/ns/b/uploads/o/image.source",
+                 "device": "/dev/oracleoci/oraclevdb"}'
     airflow dags trigger vdisk_image_import \\
         --conf '{"image": "/data/upload/vm.ova", "devices": ["/dev/oracleoci/oraclevdb", "/dev/oracleoci/oraclevdc"]}'
 """
@@ -123,6 +134,16 @@ DETERMINISTIC_ERRORS = (
 )
 
 
+def _source_options(params: dict[str, Any]) -> dict[str, Any]:
+    """vdisk keyword arguments that say how to read the image (only the HTTP ones, for a URL)."""
+    if not str(params["image"]).startswith(("http://", "https://")):
+        return {}
+    options: dict[str, Any] = {"http_headers": dict(params.get("http_headers") or {})}
+    if params.get("http_connections"):
+        options["http_connections"] = int(params["http_connections"])
+    return options
+
+
 def _journal_path(params: dict[str, Any], context: dict[str, Any]) -> str:
     """Where a convert task keeps its resume journal: on the worker, never on the device, one per
     DAG run, task and mapped disk, so every retry of that conversion finds it."""
@@ -145,7 +166,19 @@ def _journal_path(params: dict[str, Any], context: dict[str, Any]) -> str:
     tags=["vdisk", "image-import"],
     doc_md=__doc__,
     params={
-        "image": Param("/data/upload/image.source", type="string", description="The uploaded image file."),
+        "image": Param(
+            "/data/upload/image.source",
+            type="string",
+            description="The uploaded image: a file on the worker, or its http(s) (pre-authenticated) URL.",
+        ),
+        "http_headers": Param(
+            {},
+            type="object",
+            description="Extra HTTP headers for a URL image (e.g. Authorization); never logged.",
+        ),
+        "http_connections": Param(
+            None, type=["null", "integer"], minimum=1, description="Parallel HTTP connections (default: vdisk's)."
+        ),
         "device": Param(
             "/dev/oracleoci/oraclevdb", type="string", description="The attached volume to write the disk onto."
         ),
@@ -190,11 +223,16 @@ def vdisk_image_import() -> None:
         params = context["params"]
         image = params["image"]
         try:
-            with vdisk.open(image, format=params["format"], references=params["references"]) as img:
+            with vdisk.open(
+                image, format=params["format"], references=params["references"], **_source_options(params)
+            ) as img:
                 info = img.info()
                 fmt = img.format
         except DETERMINISTIC_ERRORS as e:
             raise AirflowFailException(f"{type(e).__name__}: {e}") from e
+        # What tasks log and pass on: the image as vdisk shows it (a URL with its secrets
+        # replaced by "..."); the convert task reads the real source from the run's conf.
+        image = info["filename"]
         base = {"image": image, "format": fmt, "references": params["references"]}
         if fmt != "ova":
             log.info("image %s: format %s, virtual size %d bytes", image, fmt, info["virtual-size"])
@@ -256,16 +294,19 @@ def vdisk_image_import() -> None:
             "progress": progress,
             "checksum": True,
             "journal": journal,
+            **_source_options(params),
         }
         try:
             try:
-                report = vdisk.convert(disk["image"], device, **options)
+                report = vdisk.convert(params["image"], device, **options)
             except vdisk.JournalError as e:
                 # The journal is for another source, target or options (a re-upload, a new
                 # volume): start over. An earlier attempt may have written to this device, so it
                 # no longer reads as zero whatever target_is_zero said.
                 log.warning("%s; converting from the start with zeroing", e)
-                report = vdisk.convert(disk["image"], device, **{**options, "restart": True, "target_is_zero": False})
+                report = vdisk.convert(
+                    params["image"], device, **{**options, "restart": True, "target_is_zero": False}
+                )
         except DETERMINISTIC_ERRORS as e:
             raise AirflowFailException(f"{type(e).__name__}: {e}") from e
         if report.already_complete:

@@ -19,27 +19,27 @@ pub struct Args {
 pub fn run(args: Args) -> vdisk_core::Result<u8> {
     let report = Image::check_file(&args.file, &args.open.options())?;
     match args.output {
-        OutputArg::Json => println!("{}", report.to_json()),
+        OutputArg::Json => outln!("{}", report.to_json()),
         OutputArg::Human => {
             for p in &report.problems {
                 let label = if p.kind == "leak" { "Leaked cluster" } else { "ERROR" };
-                println!("{label}: {}", p.message);
+                outln!("{label}: {}", p.message);
             }
             let listed = report.problems.len() as u64;
             let total = report.corruptions + report.leaks;
             if total > listed {
-                println!("({} more problems not listed)", total - listed);
+                outln!("({} more problems not listed)", total - listed);
             }
             if report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0 {
-                println!("No errors were found on the image.");
+                outln!("No errors were found on the image.");
             } else {
                 if report.corruptions > 0 {
-                    println!("\n{} errors were found on the image.", report.corruptions);
-                    println!("Data may be corrupted, or further writes to the image may corrupt it.");
+                    outln!("\n{} errors were found on the image.", report.corruptions);
+                    outln!("Data may be corrupted, or further writes to the image may corrupt it.");
                 }
                 if report.leaks > 0 {
-                    println!("\n{} leaked clusters were found on the image.", report.leaks);
-                    println!("This means waste of disk space, but no harm to data.");
+                    outln!("\n{} leaked clusters were found on the image.", report.leaks);
+                    outln!("This means waste of disk space, but no harm to data.");
                 }
             }
             if let (Some(alloc), Some(total)) = (report.allocated_clusters, report.total_clusters) {
@@ -48,12 +48,10 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
                 let fpct = if alloc > 0 { frag as f64 * 100.0 / alloc as f64 } else { 0.0 };
                 let cpct =
                     if alloc > 0 { report.compressed_clusters.unwrap_or(0) as f64 * 100.0 / alloc as f64 } else { 0.0 };
-                println!(
-                    "{alloc}/{total} = {pct:.2}% allocated, {fpct:.2}% fragmented, {cpct:.2}% compressed clusters"
-                );
+                outln!("{alloc}/{total} = {pct:.2}% allocated, {fpct:.2}% fragmented, {cpct:.2}% compressed clusters");
             }
             if let Some(end) = report.image_end_offset {
-                println!("Image end offset: {end}");
+                outln!("Image end offset: {end}");
             }
         }
     }

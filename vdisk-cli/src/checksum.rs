@@ -75,8 +75,8 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
         }
         match result {
             Ok((format, sum)) => match args.output {
-                OutputArg::Human => println!("{}  {shown}", sum.digest),
-                OutputArg::Json => println!(
+                OutputArg::Human => outln!("{}  {shown}", sum.digest),
+                OutputArg::Json => outln!(
                     "{}",
                     serde_json::json!({
                         "filename": shown,

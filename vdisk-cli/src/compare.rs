@@ -96,7 +96,7 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
     };
     if !args.quiet {
         match args.output {
-            OutputArg::Human => result.qemu_lines().iter().for_each(|l| println!("{l}")),
+            OutputArg::Human => result.qemu_lines().iter().for_each(|l| outln!("{l}")),
             OutputArg::Json => {
                 let (kind, offset) = match result.difference {
                     None => ("identical", None),
@@ -105,7 +105,7 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
                     Some(Difference::Allocation { offset }) => ("allocation-mismatch", Some(offset)),
                     Some(_) => ("different", None),
                 };
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({
                         "identical": result.identical(),

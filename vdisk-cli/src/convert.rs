@@ -138,6 +138,10 @@ pub struct Args {
     /// computes (a compressed output is usually much smaller).
     #[arg(long)]
     no_space_check: bool,
+    /// Grow the output's virtual size to the next whole MiB (the added bytes read as zero): the
+    /// explicit way to meet Azure's rule, which --preset azure otherwise enforces by refusing.
+    #[arg(long)]
+    round_up_mib: bool,
     /// Show progress (a bar on a terminal, periodic lines otherwise).
     #[arg(short = 'p')]
     progress: bool,
@@ -206,6 +210,11 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
     if args.compress {
         return Err(vdisk_core::Error::target("-c needs an image output format (-O qcow2 or vmdk)"));
     }
+    if args.round_up_mib {
+        return Err(vdisk_core::Error::target(
+            "--round-up-mib needs an image output format (-O vpc, vhdx, qcow2 or vmdk)",
+        ));
+    }
     let image = Image::open(&args.src, &args.open.options())?;
     install_sigint_handler();
     let printer = args.progress.then(ProgressPrinter::new);
@@ -261,7 +270,7 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
     match args.output {
         OutputArg::Human => {
             if let Some(sum) = &report.checksum {
-                println!("{sum}  {}", args.dst.display());
+                outln!("{sum}  {}", args.dst.display());
             }
         }
         OutputArg::Json => {
@@ -278,7 +287,7 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
             if let (Some(sum), Some(map)) = (&report.checksum, out.as_object_mut()) {
                 map.insert("checksum".into(), sum.as_str().into());
             }
-            println!("{out}");
+            outln!("{out}");
         }
     }
     Ok(0)
@@ -315,6 +324,8 @@ fn run_export(args: &Args, format: vdisk_core::OutputFormat, options: Vec<(Strin
         progress: Some(&callback),
         cancel: Some(&INTERRUPTED),
         check_space: !args.no_space_check,
+        preset: args.preset.map(vdisk_core::Preset::from),
+        round_up_mib: args.round_up_mib,
         ..ExportOptions::default()
     };
     let result = export(&image, &args.dst, &opts);
@@ -338,7 +349,7 @@ fn run_export(args: &Args, format: vdisk_core::OutputFormat, options: Vec<(Strin
             "threads": report.threads,
             "target": report.target.as_str(),
         });
-        println!("{out}");
+        outln!("{out}");
     }
     Ok(0)
 }

@@ -20,8 +20,11 @@ pub struct Args {
 pub fn run(args: Args) -> vdisk_core::Result<u8> {
     let info = Image::describe(&args.file, &args.open.options())?;
     match args.output {
-        OutputArg::Json => println!("{}", info.to_json()),
-        OutputArg::Human => print!("{}", render(&info)),
+        OutputArg::Json => outln!("{}", info.to_json()),
+        OutputArg::Human => {
+            let text = render(&info);
+            outln!("{}", text.strip_suffix('\n').unwrap_or(&text))
+        }
     }
     Ok(0)
 }

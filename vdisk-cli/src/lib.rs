@@ -10,6 +10,15 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+/// `println!` that never panics: stdout closed early (`vdisk check IMG | head`) ends the process
+/// as a SIGPIPE would (status 141) instead of panicking; another write error is one line and
+/// status 1.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_stdout_line(format_args!($($arg)*))
+    };
+}
+
 mod check;
 mod checksum;
 mod common;
@@ -28,6 +37,8 @@ use clap::{Parser, Subcommand};
 const EXIT_ERROR: u8 = 1;
 /// Exit code for a usage error.
 const EXIT_USAGE: u8 = 2;
+/// Exit status when stdout is closed early: what a shell reports for SIGPIPE (128 + 13).
+const EXIT_BROKEN_PIPE: i32 = 141;
 /// Exit code when interrupted by SIGINT (128 + 2, as shells report it).
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -65,6 +76,18 @@ enum Command {
     Checksum(checksum::Args),
     /// Compare the guest content of two images (qemu-img compare compatible).
     Compare(compare::Args),
+}
+
+/// Write one line to stdout for [`outln!`].
+pub(crate) fn write_stdout_line(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(EXIT_BROKEN_PIPE);
+        }
+        let _ = writeln!(std::io::stderr(), "vdisk: writing to stdout: {e}");
+        std::process::exit(i32::from(EXIT_ERROR));
+    }
 }
 
 /// Run `vdisk` with `args` (the program name first) and return its exit status. The binary and

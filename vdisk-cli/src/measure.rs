@@ -45,12 +45,12 @@ pub fn run(args: Args) -> vdisk_core::Result<u8> {
     };
     match args.output {
         OutputArg::Human => {
-            println!("required size: {}", m.required);
-            println!("fully allocated size: {}", m.fully_allocated);
+            outln!("required size: {}", m.required);
+            outln!("fully allocated size: {}", m.fully_allocated);
         }
         OutputArg::Json => {
             // qemu-img's layout: four-space indentation.
-            println!("{{\n    \"required\": {},\n    \"fully-allocated\": {}\n}}", m.required, m.fully_allocated);
+            outln!("{{\n    \"required\": {},\n    \"fully-allocated\": {}\n}}", m.required, m.fully_allocated);
         }
     }
     Ok(0)

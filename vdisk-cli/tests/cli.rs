@@ -310,3 +310,24 @@ fn sigint_stops_a_convert_with_exit_130() {
     assert!(stderr.starts_with("vdisk: ") && stderr.contains("interrupted"), "{stderr}");
     assert_eq!(std::fs::metadata(&dst).unwrap().len(), 64 << 30, "the target is left in place");
 }
+
+#[test]
+fn a_reader_that_closes_stdout_early_ends_vdisk_quietly() {
+    // `vdisk ... | true`: the reader is gone before vdisk writes, so its writes fail with EPIPE
+    // (Rust ignores SIGPIPE). vdisk must end like a tool killed by SIGPIPE (status 141), never
+    // panic (status 101 with "failed printing to stdout").
+    let bin = vdisk().get_program().to_owned();
+    let sample = repo_root().join("testdata/sample.qcow2");
+    for cmd in ["check", "info", "checksum"] {
+        let script = format!("(sleep 0.5; \"$0\" {cmd} \"$1\" 2>err; echo $? >status) | true");
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = std::process::Command::new("sh");
+        c.current_dir(dir.path()).arg("-c").arg(&script).arg(&bin).arg(&sample);
+        let out = run_limited(&mut c, LIMIT);
+        assert!(out.status.success(), "{out:?}");
+        let status = std::fs::read_to_string(dir.path().join("status")).unwrap();
+        let err = std::fs::read_to_string(dir.path().join("err")).unwrap();
+        assert_eq!(status.trim(), "141", "vdisk {cmd}: stderr {err:?}");
+        assert!(!err.contains("panicked"), "vdisk {cmd}: {err}");
+    }
+}

@@ -183,3 +183,136 @@ fn measure_prints_qemu_img_keys_and_numbers() {
     let theirs = qemu(&[&"measure", &"-O", &"raw", &src]);
     assert_eq!(ours, String::from_utf8_lossy(&theirs.stdout));
 }
+
+#[test]
+fn azure_and_hyperv_presets() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    // 40 MiB: a whole MiB, so Azure's fixed VHD is the exact size plus the footer.
+    let vhd = dir.path().join("azure.vhd");
+    ok(&vd(&[&"convert", &"--preset", &"azure", &src, &vhd]));
+    assert_eq!(std::fs::metadata(&vhd).unwrap().len(), (40 << 20) + 512);
+    let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", &"vpc", &src, &vhd]);
+    assert!(cmp.status.success(), "azure: {}", String::from_utf8_lossy(&cmp.stdout));
+    let vhdx = dir.path().join("hyperv.vhdx");
+    ok(&vd(&[&"convert", &"--preset", &"hyperv", &src, &vhdx]));
+    let check = qemu(&[&"check", &"-f", &"vhdx", &vhdx]);
+    assert!(check.status.success(), "hyperv: {}", String::from_utf8_lossy(&check.stdout));
+    let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", &"vhdx", &src, &vhdx]);
+    assert!(cmp.status.success(), "hyperv: {}", String::from_utf8_lossy(&cmp.stdout));
+    // Not a whole MiB: refused, naming --round-up-mib; with it, grown to the next MiB.
+    let odd = dir.path().join("odd.raw");
+    std::fs::copy(&src, &odd).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&odd).unwrap().set_len((40 << 20) + 4096).unwrap();
+    let out = dir.path().join("odd.vhd");
+    let refused = vd(&[&"convert", &"--preset", &"azure", &odd, &out]);
+    assert_clean_error(&refused, 1, "azure with an odd size");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--round-up-mib"));
+    assert!(!out.exists());
+    ok(&vd(&[&"convert", &"--preset", &"azure", &"--round-up-mib", &odd, &out]));
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), (41 << 20) + 512);
+    let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", &"vpc", &odd, &out]);
+    assert!(cmp.status.success(), "rounded: {}", String::from_utf8_lossy(&cmp.stdout));
+    // VHD and VHDX do not compress.
+    assert_clean_error(&vd(&[&"convert", &"-O", &"vpc", &"-c", &src, &dir.path().join("c.vhd")]), 1, "-c vpc");
+}
+
+/// A read-only loop device over a sparse file of `size` bytes (it reads as data: a device has no
+/// holes), detached on drop; `None` (after a SKIP line) where losetup cannot attach one.
+fn zero_device(dir: &Path, size: u64) -> Option<(String, impl Drop)> {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    if !root {
+        eprintln!("SKIP: not root; export interruption tests (need a loop device) not run");
+        return None;
+    }
+    let backing = dir.join("zeros.img");
+    std::fs::File::create(&backing).unwrap().set_len(size).unwrap();
+    let attach = Command::new("losetup").args(["-f", "--show", "-r"]).arg(&backing).output();
+    let Some(dev) =
+        attach.ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    else {
+        eprintln!("SKIP: losetup cannot attach a loop device here; export interruption tests not run");
+        return None;
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    Some((dev.clone(), Detach(dev)))
+}
+
+/// Names in `dir` other than the loop device's backing file.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "zeros.img")
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn interrupted_exports_leave_no_image_at_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((dev, _detach)) = zero_device(dir.path(), 64 << 30) else { return };
+    let out = dir.path().join("volume.vmdk");
+    for signal in ["-INT", "-KILL"] {
+        let mut child = vdisk()
+            .args(["convert", "--no-space-check", "-O", "vmdk", "-f", "raw", &dev])
+            .arg(&out)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(700));
+        assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
+        let sent = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(sent.elapsed() < Duration::from_secs(10), "export did not stop after {signal}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!out.exists(), "{signal}: a partial image was left at the target");
+        let left = names(dir.path());
+        if signal == "-INT" {
+            assert_eq!(status.code(), Some(130));
+            assert!(left.is_empty(), "an interrupted export left {left:?}");
+        } else {
+            // A killed export cannot clean up: at most its hidden temporary file remains.
+            assert!(left.iter().all(|n| n.starts_with(".volume.vmdk.vdisk-tmp-")), "{left:?}");
+            for n in left {
+                std::fs::remove_file(dir.path().join(n)).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn an_export_that_cannot_fit_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let df = Command::new("df").args(["--output=avail", "-B1"]).arg(dir.path()).output().unwrap();
+    let free: u64 = String::from_utf8_lossy(&df.stdout).lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    if free == 0 || free > (8 << 40) {
+        eprintln!("SKIP: free space unknown or above 8 TiB; space check test not run");
+        return;
+    }
+    // A device of zeros reads as data: the qcow2 output may need all of it.
+    let size = (free + (1 << 30)).next_multiple_of(1 << 20);
+    let Some((dev, _detach)) = zero_device(dir.path(), size) else { return };
+    let out = dir.path().join("big.qcow2");
+    let refused = vd(&[&"convert", &"-O", &"qcow2", &"-f", &"raw", &dev, &out]);
+    assert_clean_error(&refused, 1, "export larger than the free space");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("bytes free"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(names(dir.path()).is_empty());
+}

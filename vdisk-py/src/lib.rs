@@ -43,6 +43,8 @@ fn _vdisk(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<image::ExtentIterator>()?;
     m.add_class::<options::Limits>()?;
     m.add_class::<convert::ConvertReport>()?;
+    m.add_function(wrap_pyfunction!(convert::measure, m)?)?;
+    m.add_class::<convert::Measure>()?;
     m.add_function(wrap_pyfunction!(verify::checksum, m)?)?;
     m.add_function(wrap_pyfunction!(verify::compare, m)?)?;
     m.add_class::<verify::Checksum>()?;

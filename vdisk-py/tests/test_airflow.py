@@ -173,6 +173,49 @@ def test_dag_converts_onto_a_loop_device(fmt: str, airflow: dict[str, Any], tmp_
     assert len(journals) == 1 and journals[0].startswith("vdisk_image_import."), journals
 
 
+def test_dag_reads_the_upload_from_its_url(airflow: dict[str, Any], tmp_path: Path, loop_device: Any) -> None:
+    """The upload given as an OCI pre-authenticated URL with a signed query: inspect and convert
+    read it over HTTP (no download), the device verifies, and no secret reaches the output."""
+    from test_remote import Server
+
+    image, guest = make_ext4_image(tmp_path, "qcow2")
+    root = tmp_path / "bucket"
+    root.mkdir()
+    image.rename(root / "image.source")
+    try:
+        device = loop_device(GiB, name="volume.img")
+    except pytest.skip.Exception as skip:
+        print(f"SKIP: the Airflow DAG test needs a loop device: {skip}", file=sys.__stderr__, flush=True)
+        raise
+    with open(device, "r+b") as dev:
+        dev.write(b"\xa5" * IMAGE_SIZE)
+    server = Server(root, "--require-header", "X-Upload-Token: HDRSECRET")
+    try:
+        url = server.url("p/PARSECRET/n/ns/b/uploads/o/image.source?sig=QSECRET")
+        conf = {
+            "image": url,
+            "device": device,
+            "http_headers": {"X-Upload-Token": "HDRSECRET"},
+            "http_connections": 4,
+            "journal_dir": str(tmp_path / "journals"),
+        }
+        result, out = run_dag(airflow, conf)
+        stats = server.stats()
+    finally:
+        server.stop()
+    assert result["state"] == "success", out[-6000:]
+    assert result["tasks"] == expected_tasks(1), result
+    with open(device, "rb") as dev:
+        assert dev.read(len(guest)) == guest
+    assert "format qcow2, virtual size" in out
+    assert "device content verified: blkhash" in out
+    assert server.url("p/.../n/ns/b/uploads/o/image.source?...") in out
+    # No secret of the URL or header value anywhere in the run's output (task logs included).
+    for secret in ("PARSECRET", "QSECRET", "HDRSECRET"):
+        assert secret not in out, secret
+    assert isinstance(stats["requests"], int) and stats["requests"] > 0, stats
+
+
 def test_a_retry_finds_the_journal(airflow: dict[str, Any], tmp_path: Path, loop_device: Any) -> None:
     """An attempt that wrote everything but died before reporting: the retry writes nothing,
     still returns the content's checksum (hashed from the image), and verify passes."""

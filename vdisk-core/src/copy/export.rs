@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 use super::engine::{Counters, Reporting};
 use super::plan::{WorkItem, MAX_ZERO_ITEM};
 use super::writer::{option_error, FormatWriter, Measure};
-use super::{default_threads, ConvertReport, TargetKind, DEFAULT_ITEM_SIZE, DEFAULT_PROGRESS_INTERVAL, MAX_THREADS};
+use super::{ConvertReport, TargetKind, DEFAULT_ITEM_SIZE, DEFAULT_PROGRESS_INTERVAL, MAX_THREADS};
 use crate::decompress::ReadScratch;
 use crate::error::{Error, ErrorKind, Result};
 use crate::extent::Extent;
 use crate::formats::qcow2::write as qcow2;
+use crate::formats::vhd::write as vhd;
+use crate::formats::vhdx::write as vhdx;
 use crate::formats::vmdk::write as vmdk;
 use crate::image::Image;
 
@@ -211,6 +213,8 @@ pub fn parse_option_pairs(text: &str) -> Result<Vec<(String, String)>> {
 enum Writer {
     Qcow2(qcow2::Qcow2Options),
     Vmdk(vmdk::VmdkOptions),
+    Vpc(vhd::VhdOptions),
+    Vhdx(vhdx::VhdxOptions),
 }
 
 impl Writer {
@@ -233,12 +237,9 @@ impl Writer {
                 Ok(Writer::Vmdk(o))
             }
             OutputFormat::Raw => Err(option_error("raw output is written by convert, not export")),
-            OutputFormat::Vpc | OutputFormat::Vhdx => {
-                if compress {
-                    return Err(no_compression());
-                }
-                Err(Error::unsupported(format!("writing {} is not built yet", format.as_str())))
-            }
+            OutputFormat::Vpc | OutputFormat::Vhdx if compress => Err(no_compression()),
+            OutputFormat::Vpc => Ok(Writer::Vpc(vhd::VhdOptions::from_pairs(pairs)?)),
+            OutputFormat::Vhdx => Ok(Writer::Vhdx(vhdx::VhdxOptions::from_pairs(pairs)?)),
         }
     }
 
@@ -246,6 +247,8 @@ impl Writer {
         match self {
             Writer::Qcow2(o) => qcow2::create(file, size, o),
             Writer::Vmdk(o) => vmdk::create(file, size, o),
+            Writer::Vpc(o) => vhd::create(file, size, o),
+            Writer::Vhdx(o) => vhdx::create(file, size, o),
         }
     }
 
@@ -253,6 +256,8 @@ impl Writer {
         match self {
             Writer::Qcow2(o) => qcow2::measure(size, allocated, o),
             Writer::Vmdk(o) => vmdk::measure(size, allocated, o),
+            Writer::Vpc(o) => vhd::measure(size, allocated, o),
+            Writer::Vhdx(o) => vhdx::measure(size, allocated, o),
         }
     }
 
@@ -285,6 +290,13 @@ pub struct ExportOptions<'a> {
     /// Refuse up front when the target's file system has less free space than
     /// [`measure`] says the output needs.
     pub check_space: bool,
+    /// The platform preset the format and options came from (see [`Preset::resolve`]): it adds
+    /// the platform's own checks (Azure: the virtual size must be a whole MiB).
+    pub preset: Option<Preset>,
+    /// Grow the output's virtual size to the next whole MiB (`--round-up-mib`; the added bytes
+    /// read as zero), the explicit way to meet Azure's rule. It moves the disk's last sector, so
+    /// a GPT backup header is no longer at the end.
+    pub round_up_mib: bool,
 }
 
 impl Default for ExportOptions<'_> {
@@ -298,6 +310,8 @@ impl Default for ExportOptions<'_> {
             progress_interval: DEFAULT_PROGRESS_INTERVAL,
             cancel: None,
             check_space: true,
+            preset: None,
+            round_up_mib: false,
         }
     }
 }
@@ -311,6 +325,8 @@ impl std::fmt::Debug for ExportOptions<'_> {
             .field("threads", &self.threads)
             .field("progress", &self.progress.is_some())
             .field("check_space", &self.check_space)
+            .field("preset", &self.preset)
+            .field("round_up_mib", &self.round_up_mib)
             .finish()
     }
 }
@@ -379,7 +395,7 @@ pub fn export(image: &Image, target: impl AsRef<Path>, options: &ExportOptions<'
             "this disk can only be read front to back (a compressed OVA member); convert it to raw first",
         ));
     }
-    let size = image.virtual_size();
+    let size = output_size(image.virtual_size(), options)?;
     let mut writer_options = Writer::parse(options.format, &options.options, options.compress)?;
     let shown = target.display();
     match std::fs::metadata(target) {
@@ -432,11 +448,11 @@ pub fn export(image: &Image, target: impl AsRef<Path>, options: &ExportOptions<'
     let (temp, file) = create_temp(&dir, &name)?;
     let guard = TempGuard(Some(temp.clone()));
     let writer = writer_options.create(file, size)?;
-    let threads = options.threads.unwrap_or_else(default_threads).clamp(1, MAX_THREADS);
+    let threads = options.threads.unwrap_or_else(|| image.default_threads()).clamp(1, MAX_THREADS);
     let counters = Counters::default();
     let reporting =
         Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
-    execute(image, writer.as_ref(), threads, &counters, &reporting)?;
+    execute(image, size, writer.as_ref(), threads, &counters, &reporting)?;
     let length = writer.finish()?;
     let data_name = data_file_name(&name);
     match writer.descriptor(&data_name) {
@@ -485,6 +501,26 @@ fn data_file_name(name: &str) -> String {
         Some(stem) if !stem.is_empty() => format!("{stem}-flat.vmdk"),
         _ => format!("{name}-flat"),
     }
+}
+
+/// Bytes in a MiB, Azure's unit of virtual size.
+const MIB: u64 = 1 << 20;
+
+/// The output's virtual size: the image's, grown to a whole MiB on request; refused when the
+/// preset's platform would refuse it.
+fn output_size(size: u64, options: &ExportOptions<'_>) -> Result<u64> {
+    let size = if options.round_up_mib {
+        size.checked_next_multiple_of(MIB).ok_or_else(|| Error::target("the virtual size cannot be rounded up"))?
+    } else {
+        size
+    };
+    if options.preset == Some(Preset::Azure) && size % MIB != 0 {
+        let up = size.div_ceil(MIB) * MIB;
+        return Err(Error::target(format!(
+            "the virtual size {size} is not a whole MiB, which Azure requires; --round-up-mib grows the disk to {up} bytes (the added bytes read as zero; a GPT backup header then no longer sits in the last sector)"
+        )));
+    }
+    Ok(size)
 }
 
 /// Free bytes for an unprivileged writer on the file system holding `dir` (`None` when unknown).
@@ -647,15 +683,16 @@ fn item_size(writer: &dyn FormatWriter) -> u64 {
 }
 
 /// Run every work item of `image` through `writer` on `threads` threads, reporting progress and
-/// watching for cancellation on the calling thread.
+/// watching for cancellation on the calling thread. `total` is the output's virtual size: at
+/// least the image's (beyond it, zero items).
 fn execute(
     image: &Image,
+    total: u64,
     writer: &dyn FormatWriter,
     threads: usize,
     counters: &Counters,
     reporting: &Reporting<'_>,
 ) -> Result<()> {
-    let total = image.virtual_size();
     let align = writer.alignment();
     if !align.is_power_of_two() || align < 512 {
         return Err(Error::invalid("internal error: writer alignment is not a power of two of at least 512"));

@@ -8,6 +8,7 @@ A drop-in for ``qemu-img info`` and ``qemu-img convert -O raw`` in Python, witho
         print(img.format, img.virtual_size)
     report = vdisk.convert("upload.img", "/dev/vdb", checksum=True, journal="/var/tmp/upload.journal")
     assert vdisk.checksum("/dev/vdb", size=report.virtual_size).digest == report.checksum
+    vdisk.convert("/dev/vdb", "export.vmdk", preset="esxi")  # streamOptimized VMDK
 
 Long calls release the GIL; ``progress`` runs on the calling thread; Ctrl-C cancels a
 conversion. Errors are :class:`VdiskError` subclasses, or ``OSError`` subclasses for I/O.
@@ -24,6 +25,7 @@ from ._vdisk import (
     JournalError,
     LimitExceededError,
     Limits,
+    Measure,
     ReferenceDeniedError,
     RemoteError,
     TargetError,
@@ -33,6 +35,7 @@ from ._vdisk import (
     checksum,
     compare,
     convert,
+    measure,
     open,
 )
 
@@ -47,6 +50,7 @@ __all__ = [
     "JournalError",
     "LimitExceededError",
     "Limits",
+    "Measure",
     "ReferenceDeniedError",
     "RemoteError",
     "TargetError",
@@ -56,5 +60,6 @@ __all__ = [
     "checksum",
     "compare",
     "convert",
+    "measure",
     "open",
 ]

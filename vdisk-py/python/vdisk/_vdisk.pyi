@@ -24,6 +24,7 @@ __all__ = [
     "JournalError",
     "LimitExceededError",
     "Limits",
+    "Measure",
     "ReferenceDeniedError",
     "RemoteError",
     "TargetError",
@@ -32,12 +33,15 @@ __all__ = [
     "checksum",
     "compare",
     "convert",
+    "measure",
     "open",
 ]
 
 _Path = str | os.PathLike[str]
 _Format = Literal["raw", "qcow2", "vmdk", "vpc", "vhd", "vhdx", "vdi", "ova"]
 _References = Literal["deny", "same-dir", "same_dir", "any"]
+_OutputFormat = Literal["raw", "host_device", "qcow2", "vmdk", "vpc", "vhd", "vhdx"]
+_Preset = Literal["azure", "esxi", "hyperv", "oci", "aws", "openstack"]
 
 class VdiskError(Exception):
     """Base class of every error vdisk raises for an image or a target (I/O errors are OSError)."""
@@ -205,6 +209,20 @@ class ConvertReport:
     @property
     def already_complete(self) -> bool:
         """The journal recorded the conversion as complete: nothing was written."""
+    @property
+    def output_length(self) -> int | None:
+        """For an image output format, the length of the file written; otherwise ``None``."""
+
+@final
+class Measure:
+    """What :func:`measure` reports (``qemu-img measure``'s keys)."""
+
+    @property
+    def required(self) -> int:
+        """Bytes the output file needs for this source."""
+    @property
+    def fully_allocated(self) -> int:
+        """Bytes it needs with every block of the disk allocated."""
 
 @final
 class Checksum:
@@ -291,8 +309,28 @@ def convert(
     http_retries: int | None = None,
     http_timeout: float | None = None,
     url_refresh: Callable[[], str] | None = None,
+    output_format: _OutputFormat | None = None,
+    options: Mapping[str, str] | None = None,
+    compress: bool = False,
+    preset: _Preset | None = None,
+    round_up_mib: bool = False,
+    check_space: bool = True,
 ) -> ConvertReport:
-    """Convert the image at ``src`` to its raw guest content at ``dst``."""
+    """Convert the image at ``src`` to its raw guest content at ``dst``, or export it as an image."""
+
+def measure(
+    src: _Path | None = None,
+    *,
+    output_format: _OutputFormat = "raw",
+    options: Mapping[str, str] | None = None,
+    preset: _Preset | None = None,
+    size: int | None = None,
+    format: _Format | None = None,
+    references: _References = "deny",
+    limits: Limits | None = None,
+    disk: int | None = None,
+) -> Measure:
+    """The size an exported image needs (``qemu-img measure``): for ``src``, or an empty disk of ``size``."""
 
 def checksum(
     path: _Path,

@@ -58,8 +58,6 @@ mod dynamic;
 mod error;
 mod footer;
 mod parent;
-// The export dispatcher (branch `writers`) wires `create`, `measure` and `from_pairs` in.
-#[allow(dead_code)]
 pub(crate) mod write;
 
 use std::path::Path;

@@ -437,13 +437,14 @@ impl FormatWriter for VhdWriter {
                 let entries = d.bat.len() as u64;
                 let header = header_bytes(entries)?;
                 let mut bat = Vec::new();
-                bat.try_reserve_exact(usize::try_from(entries * 4).unwrap_or(usize::MAX))
+                bat.try_reserve_exact(usize::try_from(d.first_slot - BAT_OFFSET).unwrap_or(usize::MAX))
                     .map_err(|_| Error::limit(format!("a VHD BAT of {entries} entries does not fit in memory")))?;
                 for e in &d.bat {
                     bat.extend_from_slice(&e.load(Ordering::Acquire).to_be_bytes());
                 }
-                // Pad the table to a whole sector with unallocated entries, as Windows does.
-                bat.resize(bat.len().next_multiple_of(BITMAP.len()), 0xff);
+                // Pad the table with unallocated entries up to the first block slot (a 4 KiB
+                // boundary), as Windows does.
+                bat.resize(usize::try_from(d.first_slot - BAT_OFFSET).unwrap_or(0), 0xff);
                 self.write_at(&self.footer, 0)?;
                 self.write_at(&header, HEADER_OFFSET)?;
                 self.write_at(&bat, BAT_OFFSET)?;

@@ -34,8 +34,6 @@ mod metadata;
 mod overlay;
 mod parent;
 mod region;
-// The export dispatcher (branch `writers`) wires `create`, `measure` and `from_pairs` in.
-#[allow(dead_code)]
 pub(crate) mod write;
 
 use std::path::Path;

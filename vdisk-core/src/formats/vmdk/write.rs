@@ -13,14 +13,15 @@
 //!
 //! monolithicSparse: a version 1 header with a redundant directory, both directories and all
 //! their grain tables before the first grain (as VMware and qemu lay it out), grains uncompressed
-//! and allocated by a bump pointer from any thread; tables written at `finish`.
+//! and allocated by a bump pointer from any thread; each run of grains' table entries is written
+//! in place with the grains (nothing is held in memory), the directories at `finish`.
 //!
 //! monolithicFlat: the data is a flat file (`NAME-flat.vmdk`, sparse where the disk is zero)
 //! named by a text descriptor written under the target's name.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use flate2::{Compress, FlushCompress, Status};
@@ -661,15 +662,15 @@ struct SparseWriter {
     first_grain: u64,
     /// Next free grain sector.
     next: AtomicU64,
-    /// Grain table entries of every grain (0: unallocated).
-    gtes: Vec<AtomicU32>,
+    /// Sectors of one grain directory: the grain tables of each copy follow its directory,
+    /// back to back, so grain g's entry is at a fixed place in each.
+    gd_sectors: u64,
 }
 
 impl SparseWriter {
     fn new(file: File, sectors: u64, options: &VmdkOptions) -> Result<Self> {
         let (rgd, gd, first_grain) = sparse_layout(sectors);
-        let (gts, _) = directory(sectors);
-        let entries = usize::try_from(gts * GTES_PER_GT).map_err(|_| option_error("the grain tables do not fit"))?;
+        let (_, gd_sectors) = directory(sectors);
         Ok(SparseWriter {
             file,
             sectors,
@@ -683,7 +684,7 @@ impl SparseWriter {
             gd,
             first_grain,
             next: AtomicU64::new(first_grain),
-            gtes: (0..entries).map(|_| AtomicU32::new(0)).collect(),
+            gd_sectors,
         })
     }
 }
@@ -713,12 +714,16 @@ impl FormatWriter for SparseWriter {
             let to = (j * grain).min(data.len());
             let at = sector * SECTOR;
             self.file.write_all_at(&data[from..to], at).map_err(|e| io_err(at, e))?;
+            // The grains' entries, consecutive in both copies of the tables (the file is new, so
+            // every entry not written reads as 0, unallocated): no table is held in memory.
+            let mut entries = Vec::with_capacity(usize::try_from(count * 4).unwrap_or(0));
             for k in 0..count {
-                let g = offset / GRAIN_BYTES + i as u64 + k;
-                let s = sector_u32(sector + k * GRAIN_SECTORS)?;
-                if let Some(e) = usize::try_from(g).ok().and_then(|g| self.gtes.get(g)) {
-                    e.store(s, Relaxed);
-                }
+                entries.extend_from_slice(&sector_u32(sector + k * GRAIN_SECTORS)?.to_le_bytes());
+            }
+            let first = offset / GRAIN_BYTES + i as u64;
+            for dir in [self.rgd, self.gd] {
+                let at = (dir + self.gd_sectors) * SECTOR + first * 4;
+                self.file.write_all_at(&entries, at).map_err(|e| io_err(at, e))?;
             }
             i = j;
         }
@@ -728,7 +733,7 @@ impl FormatWriter for SparseWriter {
     fn finish(&self) -> Result<u64> {
         let (gts, gd_sectors) = directory(self.sectors);
         let end = self.next.load(Relaxed).max(self.first_grain) * SECTOR;
-        // Both copies: directory, then its tables right after it.
+        // Both directories; their tables, right after each, were filled as grains arrived.
         for dir in [self.rgd, self.gd] {
             let tables = dir + gd_sectors;
             let mut gd = Vec::with_capacity(usize::try_from(gd_sectors * SECTOR).unwrap_or(0));
@@ -736,16 +741,6 @@ impl FormatWriter for SparseWriter {
                 gd.extend_from_slice(&sector_u32(tables + t * GT_SECTORS)?.to_le_bytes());
             }
             self.file.write_all_at(&gd, dir * SECTOR).map_err(|e| io_err(dir * SECTOR, e))?;
-            let mut buf = Vec::with_capacity(1 << 20);
-            let mut at = tables * SECTOR;
-            for chunk in self.gtes.chunks(1 << 18) {
-                buf.clear();
-                for e in chunk {
-                    buf.extend_from_slice(&e.load(Relaxed).to_le_bytes());
-                }
-                self.file.write_all_at(&buf, at).map_err(|e| io_err(at, e))?;
-                at += buf.len() as u64;
-            }
         }
         let flags = FLAG_NEWLINE_TEST | FLAG_REDUNDANT_GD;
         let header = sparse_header(1, flags, self.sectors, self.rgd, self.gd, self.first_grain, 0);
