@@ -664,6 +664,11 @@ fn transport_failure(e: ureq::Error, idle: Duration) -> Attempt {
         E::Timeout(_) => {
             Attempt::transient(format!("no data arrived for {} s (the idle timeout): {text}", idle.as_secs_f64()), None)
         }
+        // A certificate or handshake refusal comes back as an I/O error; retrying cannot help.
+        E::Io(ref io) if io.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+            Attempt::fatal(format!("the TLS connection was refused: {text}"), None)
+        }
+        E::Rustls(_) | E::Tls(_) => Attempt::fatal(format!("the TLS connection was refused: {text}"), None),
         E::Io(_) | E::ConnectionFailed | E::HostNotFound | E::Protocol(_) => {
             Attempt::transient(format!("the connection failed: {text}"), None)
         }
