@@ -72,8 +72,8 @@ fn raw_from_runs(dir: &Path, runs: &[(u8, u64, u8)]) -> (PathBuf, Vec<u8>) {
                 seed ^= seed << 17;
                 seed as u8
             })),
-            1 => data.extend(std::iter::repeat(byte | 1).take(n)),
-            _ => data.extend(std::iter::repeat(0).take(n)),
+            1 => data.extend(std::iter::repeat_n(byte | 1, n)),
+            _ => data.extend(std::iter::repeat_n(0, n)),
         }
         if kind != 3 {
             f.write_all_at(&data[start..], start as u64).unwrap();

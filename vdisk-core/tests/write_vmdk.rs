@@ -129,7 +129,7 @@ fn walk_stream(path: &Path) -> usize {
         if size > 0 {
             assert!(gd.is_none(), "grain after the directory");
             let lba = value;
-            assert!(last_lba.map_or(true, |l| lba > l), "grains out of LBA order at {lba}");
+            assert!(last_lba.is_none_or(|l| lba > l), "grains out of LBA order at {lba}");
             assert_eq!(lba % 128, 0);
             last_lba = Some(lba);
             grains_in_group.push((lba, u32::try_from(pos / SECTOR).unwrap()));

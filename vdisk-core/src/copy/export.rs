@@ -897,7 +897,7 @@ mod tests {
                     }
                     WorkItem::Zero { start, len } => {
                         prop_assert!(*len <= MAX_ZERO_ITEM);
-                        prop_assert!(extents.iter().all(|e| e.clip(*start, start + len).map_or(true, |c| !c.kind.is_data())));
+                        prop_assert!(extents.iter().all(|e| e.clip(*start, start + len).is_none_or(|c| !c.kind.is_data())));
                         (*start, *len)
                     }
                 };

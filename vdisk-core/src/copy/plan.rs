@@ -233,7 +233,7 @@ mod tests {
                     WorkItem::Zero { start, len } => {
                         prop_assert_eq!(*start, at);
                         prop_assert!(*len <= MAX_ZERO_ITEM);
-                        prop_assert!(extents.iter().all(|e| e.clip(*start, start + len).map_or(true, |c| !is_data(&c))));
+                        prop_assert!(extents.iter().all(|e| e.clip(*start, start + len).is_none_or(|c| !is_data(&c))));
                     }
                 }
                 at += it.len();

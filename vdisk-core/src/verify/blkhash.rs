@@ -299,7 +299,7 @@ mod tests {
         assert_eq!(blkhash(&[0; 32 * KIB]), "842d185f0ff348b0d689e184bddc47f69a19032a6934c89b879479f1e86f9d56");
         assert_eq!(blkhash(&[0; 8 * 64 * KIB]), "722ac11a3a81034edf196aa3ee68d1a2e345cd0838b0c78c2ce2fb015d4d817d");
         assert_eq!(blkhash(&[0; 17 * 32 * KIB]), "e623a5702b1feb08fbb3d18e35bbb7ec10146b8cd1bcff811200a3948c78c55c");
-        let letters: Vec<u8> = b"ABCDEF".iter().flat_map(|&c| std::iter::repeat(c).take(32 * KIB)).collect();
+        let letters: Vec<u8> = b"ABCDEF".iter().flat_map(|&c| std::iter::repeat_n(c, 32 * KIB)).collect();
         assert_eq!(blkhash(&letters), "4ab1586084326f5beb911621282e9557cd26856105eff7f78cace5986af4738b");
         // The same zero content declared as holes instead of bytes.
         for (len, want) in [

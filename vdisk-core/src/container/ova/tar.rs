@@ -183,7 +183,7 @@ pub(super) fn members(src: &Arc<dyn ReadAt>) -> Result<Vec<Member>> {
     let mut long_name: Option<Vec<u8>> = None;
     let mut pax: Option<Pax> = None;
     loop {
-        if at.checked_add(BLOCK).map_or(true, |e| e > end) {
+        if at.checked_add(BLOCK).is_none_or(|e| e > end) {
             // The end-of-archive blocks may be missing; a header cut short is not.
             if at < end {
                 let mut tail = vec![0u8; usize::try_from(end - at).unwrap_or(0)];

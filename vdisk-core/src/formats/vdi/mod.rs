@@ -84,7 +84,7 @@ impl VdiImage {
         ctx.limits().check_virtual_size(header.virtual_size)?;
         ctx.limits().check_table_entries("VDI block map", header.blocks)?;
         let map_bytes = header.blocks * 4;
-        if header.blocks_offset.checked_add(map_bytes).map_or(true, |e| e > file_len) {
+        if header.blocks_offset.checked_add(map_bytes).is_none_or(|e| e > file_len) {
             return Err(VdiError::Corrupt {
                 structure: "block map",
                 at: header.blocks_offset,

@@ -336,7 +336,7 @@ fn open_sparse(
 ) -> Result<Sparse> {
     let file_len = src.size();
     let header_at = footer.data_offset;
-    if header_at.checked_add(HEADER_SIZE).map_or(true, |e| e > file_len) {
+    if header_at.checked_add(HEADER_SIZE).is_none_or(|e| e > file_len) {
         return Err(VhdError::Corrupt {
             structure: "dynamic disk header",
             at: header_at,
@@ -350,7 +350,7 @@ fn open_sparse(
     let block_size = u64::from(header.block_size);
     let bat_at = header.table_offset;
     let bat_bytes = entries * 4;
-    if bat_at.checked_add(bat_bytes).map_or(true, |e| e > file_len) {
+    if bat_at.checked_add(bat_bytes).is_none_or(|e| e > file_len) {
         return Err(VhdError::Corrupt {
             structure: "VHD BAT",
             at: bat_at,

@@ -69,7 +69,7 @@ pub(super) fn read_locators(ctx: &OpenContext<'_>, src: &dyn ReadAt, entries: &[
         } else if entry.data_length > MAX_LOCATOR_BYTES {
             loc.problem = Some(format!("{} bytes of data is too long for a path", entry.data_length));
             loc.corrupt = true;
-        } else if end.map_or(true, |e| e > src.size()) {
+        } else if end.is_none_or(|e| e > src.size()) {
             loc.problem = Some(format!(
                 "data at {:#x} (+{:#x}) lies past the end of the file ({:#x} bytes)",
                 entry.data_offset,

@@ -380,7 +380,7 @@ impl VhdxImage {
                 }
             }
             // Later spans are compared with the one reaching furthest.
-            if prev.map_or(true, |(_, pe, _)| pe < end) {
+            if prev.is_none_or(|(_, pe, _)| pe < end) {
                 prev = Some((start, end, index));
             }
         }

@@ -140,7 +140,7 @@ fn qemu_read(path: &Path, dir: &Path) -> (u64, Vec<u8>) {
     let check = qemu_img(&["check", "-f", "vhdx", "--output", "json", p]);
     let check: serde_json::Value = serde_json::from_str(&check).unwrap();
     for key in ["corruptions", "leaks", "check-errors"] {
-        assert!(check.get(key).map_or(true, |v| v.as_u64() == Some(0)), "qemu-img check: {check}");
+        assert!(check.get(key).is_none_or(|v| v.as_u64() == Some(0)), "qemu-img check: {check}");
     }
     let info = qemu_img(&["info", "-f", "vhdx", "--output", "json", p]);
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
