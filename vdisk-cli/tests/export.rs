@@ -316,3 +316,104 @@ fn an_export_that_cannot_fit_is_refused_up_front() {
     );
     assert!(names(dir.path()).is_empty());
 }
+
+/// An ext4 file system (96 MiB, not a multiple of any block size) holding real files from
+/// /usr/share (up to about 40 MB, in a fixed order), made by mkfs.ext4 -d; `None` (a printed
+/// SKIP, a failure on CI) when mkfs.ext4 is missing.
+fn ext4_source(dir: &Path) -> Option<std::path::PathBuf> {
+    let mkfs = ["/sbin/mkfs.ext4", "/usr/sbin/mkfs.ext4"].into_iter().find(|p| Path::new(p).exists());
+    let Some(mkfs) = mkfs else {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "mkfs.ext4 is required on CI");
+        eprintln!("SKIP: mkfs.ext4 not found");
+        return None;
+    };
+    let tree = dir.join("tree");
+    let mut budget: u64 = 40 << 20;
+    let mut stack = vec![std::path::PathBuf::from("/usr/share")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        entries.sort();
+        for p in entries.into_iter().rev() {
+            let Ok(meta) = std::fs::symlink_metadata(&p) else { continue };
+            if meta.is_dir() {
+                stack.push(p);
+            } else if meta.is_file() && meta.len() <= budget && meta.len() > 0 {
+                let dest = tree.join(p.strip_prefix("/").unwrap());
+                std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+                if std::fs::copy(&p, &dest).is_ok() {
+                    budget -= meta.len();
+                }
+            }
+        }
+        if budget < 1 << 20 {
+            break;
+        }
+    }
+    assert!(budget <= 30 << 20, "fewer than 10 MB of files found under /usr/share");
+    let img = dir.join("ext4.raw");
+    let out = Command::new(mkfs)
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg(format!("{}k", 96 * 1024 + 4))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mkfs.ext4: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&tree).unwrap();
+    Some(img)
+}
+
+#[test]
+fn an_ext4_disk_exports_to_every_format_and_comes_back_fsck_clean() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(src) = ext4_source(dir.path()) else { return };
+    let want = std::fs::read(&src).unwrap();
+    let e2fsck = ["/sbin/e2fsck", "/usr/sbin/e2fsck"].into_iter().find(|p| Path::new(p).exists()).unwrap();
+    // (qemu-img's name, vdisk's extra arguments, whether qemu-img check understands it)
+    let cases: [(&str, &[&str], bool); 10] = [
+        ("qcow2", &[], true),
+        ("qcow2", &["-c"], true),
+        ("qcow2", &["-c", "-o", "compression_type=zstd"], true),
+        ("qcow2", &["-o", "compat=0.10,cluster_size=4096"], true),
+        ("vmdk", &[], true),
+        ("vmdk", &["-o", "subformat=monolithicSparse"], true),
+        ("vpc", &[], false),
+        ("vpc", &["-o", "subformat=fixed"], false),
+        ("vhdx", &[], true),
+        ("vhdx", &["-o", "subformat=fixed"], true),
+    ];
+    for (i, (fmt, extra, checkable)) in cases.iter().enumerate() {
+        let out = dir.path().join(format!("out{i}.{fmt}"));
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"convert", &"-f", &"raw", &"-O", fmt];
+        for a in extra.iter() {
+            args.push(a);
+        }
+        args.push(&src);
+        args.push(&out);
+        ok(&vd(&args));
+        let what = format!("-O {fmt} {extra:?}");
+        if *checkable {
+            let check = qemu(&[&"check", &"-f", fmt, &out]);
+            assert!(check.status.success(), "{what}: qemu-img check: {}", String::from_utf8_lossy(&check.stdout));
+        }
+        let cmp = qemu(&[&"compare", &"-f", &"raw", &"-F", fmt, &src, &out]);
+        assert!(cmp.status.success(), "{what}: qemu-img compare: {}", String::from_utf8_lossy(&cmp.stdout));
+        // Back to raw with vdisk: the same bytes, and e2fsck finds the file system clean.
+        let back = dir.path().join(format!("back{i}.raw"));
+        ok(&vd(&[&"convert", &"-f", fmt, &"-O", &"raw", &out, &back]));
+        let got = std::fs::read(&back).unwrap();
+        assert!(
+            got.len() >= want.len() && got[..want.len()] == want[..],
+            "{what}: content differs after the round trip"
+        );
+        assert!(got[want.len()..].iter().all(|&b| b == 0), "{what}: the padding is not zero");
+        let fsck = Command::new(e2fsck).arg("-fn").arg(&back).output().unwrap();
+        assert!(fsck.status.success(), "{what}: e2fsck -fn: {}", String::from_utf8_lossy(&fsck.stdout));
+        std::fs::remove_file(&back).unwrap();
+        std::fs::remove_file(&out).unwrap();
+    }
+}
