@@ -139,6 +139,9 @@ impl OpenArgs {
         http.retries = self.http_retries;
         http.timeout = std::time::Duration::from_secs_f64(self.http_timeout);
         http.headers = self.http_header.clone();
+        // Ctrl-C during a retry wait stops the wait (the copy then stops as for files).
+        http.interrupted =
+            Some(std::sync::Arc::new(|| crate::convert::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)));
         OpenOptions {
             format: self.format.map(Format::from),
             references: match self.references {

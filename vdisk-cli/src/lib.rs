@@ -141,7 +141,10 @@ where
         Err(e) => {
             let _ = std::io::stdout().flush();
             eprintln!("vdisk: {e}");
-            if e.kind() == vdisk_core::ErrorKind::Cancelled {
+            // An error after Ctrl-C (a remote read whose retry wait it cut short) is the interrupt.
+            if e.kind() == vdisk_core::ErrorKind::Cancelled
+                || convert::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed)
+            {
                 EXIT_INTERRUPTED
             } else {
                 EXIT_ERROR

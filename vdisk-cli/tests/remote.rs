@@ -200,3 +200,43 @@ fn http_headers_reach_the_server_and_are_never_printed() {
     assert_clean_error(&out, 1, "wrong header");
     assert!(!text(&out).contains("WRONG"), "{}", text(&out));
 }
+
+#[test]
+fn ctrl_c_cuts_a_retry_wait_short() {
+    // Every data request after the first (the open) is answered 503 with Retry-After: 100, so
+    // vdisk sits in a retry wait; Ctrl-C must end it within seconds with exit 130, not after
+    // the server's 100 s.
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("disk.raw"), vec![7u8; 8 << 20]).unwrap();
+    let server = Server::start(dir.path(), &[]);
+    let url = server.url("_fault/status=503,retry-after=100,after=1/disk.raw");
+    let out = dir.path().join("out.raw");
+    let mut child = vdisk()
+        .args(["convert", "-f", "raw", "--http-retries", "5", &url])
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(child.try_wait().unwrap().is_none(), "vdisk ended before the interrupt");
+    // SAFETY: kill(2) on the child this test started and has not reaped.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let sent = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if sent.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("vdisk still waits to retry 20 s after Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(sent.elapsed() < Duration::from_secs(10), "took {:?}", sent.elapsed());
+}

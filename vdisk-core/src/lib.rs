@@ -59,7 +59,7 @@ pub use io::{MemSource, ReadAt};
 pub use limits::Limits;
 pub use policy::ReferencePolicy;
 pub use probe::Format;
-pub use source::{is_url, redact_url, HttpOptions, HttpSource, UrlRefresh};
+pub use source::{is_url, redact_url, HttpOptions, HttpSource, Interrupted, UrlRefresh};
 pub use verify::{
     checksum, compare, Checksum, ChecksumAlgorithm, ChecksumOptions, CompareError, CompareOptions, CompareStage,
     Comparison, Difference, BLKHASH_BLOCK_SIZE,

@@ -82,7 +82,17 @@ pub struct HttpOptions {
     pub headers: Vec<(String, String)>,
     /// Called for a fresh URL when the server answers 401 or 403; see [`UrlRefresh`].
     pub url_refresh: Option<UrlRefresh>,
+    /// Polled while waiting to retry (a backoff or a `Retry-After` of up to two minutes): when it
+    /// returns true the wait ends and the read fails, so an interrupt (the CLI's Ctrl-C) is not
+    /// held up by a retry.
+    pub interrupted: Option<Interrupted>,
 }
+
+/// See [`HttpOptions::interrupted`].
+pub type Interrupted = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// How often a retry wait looks at [`HttpOptions::interrupted`].
+const INTERRUPT_POLL: Duration = Duration::from_millis(50);
 
 impl HttpOptions {
     /// The default number of connections per source.
@@ -102,6 +112,7 @@ impl Default for HttpOptions {
             retry_delay: Duration::from_millis(500),
             headers: Vec::new(),
             url_refresh: None,
+            interrupted: None,
         }
     }
 }
@@ -117,6 +128,7 @@ impl fmt::Debug for HttpOptions {
             .field("retry_delay", &self.retry_delay)
             .field("headers", &names)
             .field("url_refresh", &self.url_refresh.is_some())
+            .field("interrupted", &self.interrupted.is_some())
             .finish()
     }
 }
@@ -471,8 +483,20 @@ impl HttpSource {
             None => self.backoff(*attempt),
         };
         *attempt += 1;
-        std::thread::sleep(delay);
-        Ok(())
+        let until = std::time::Instant::now() + delay;
+        loop {
+            let now = std::time::Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            if self.options.interrupted.as_ref().is_some_and(|f| f()) {
+                return Err(RemoteFailure {
+                    message: format!("interrupted while waiting to retry ({})", a.message),
+                    status: a.status,
+                });
+            }
+            std::thread::sleep((until - now).min(INTERRUPT_POLL));
+        }
     }
 
     /// `retry_delay * 2^attempt`, capped, with the upper half randomised (so many threads failing

@@ -6,5 +6,5 @@
 pub(crate) mod http;
 pub(crate) mod url;
 
-pub use http::{HttpOptions, HttpSource, UrlRefresh};
+pub use http::{HttpOptions, HttpSource, Interrupted, UrlRefresh};
 pub use url::{is_url, redact_url};
