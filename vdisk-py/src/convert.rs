@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -159,6 +159,13 @@ pub(crate) fn convert(
     let mut options = open_options(format, references, limits, disk)?;
     options.http = HttpArgs { headers, http, http_headers, http_connections, http_retries, http_timeout, url_refresh }
         .into_options(py)?;
+    // Set on Ctrl-C or an exception from `progress`; a remote read waiting to retry also sees it
+    // (the calling thread checks for signals every progress tick, even while no bytes move).
+    let cancel = Arc::new(AtomicBool::new(false));
+    options.http.interrupted = Some(Arc::new({
+        let cancel = Arc::clone(&cancel);
+        move || cancel.load(Ordering::Relaxed)
+    }));
     if threads == Some(0) {
         return Err(PyValueError::new_err("threads must be at least 1"));
     }
@@ -169,7 +176,6 @@ pub(crate) fn convert(
     }
     let image = py.allow_threads(|| vdisk_core::Image::open(&src, &options)).map_err(|e| errors::to_py(py, e))?;
 
-    let cancel = AtomicBool::new(false);
     // The first exception from a signal handler or from `progress`; raised after the copy.
     let raised: Mutex<Option<PyErr>> = Mutex::new(None);
     let on_progress = |done: u64, total: u64| {
@@ -194,7 +200,7 @@ pub(crate) fn convert(
             compress,
             threads,
             progress: Some(&on_progress),
-            cancel: Some(&cancel),
+            cancel: Some(&*cancel),
             check_space,
             preset: preset.map(vdisk_core::Preset::from_name).transpose().map_err(|e| errors::to_py(py, e))?,
             round_up_mib,
@@ -213,7 +219,7 @@ pub(crate) fn convert(
         must_exist,
         require_device,
         progress: Some(&on_progress),
-        cancel: Some(&cancel),
+        cancel: Some(&*cancel),
         checksum,
         journal: journal.as_deref(),
         restart,

@@ -153,3 +153,36 @@ def test_url_refresh_replaces_an_expired_url(served: tuple[Server, Path], tmp_pa
         vdisk.convert(server.url("_fault/status=403,after=3,x/disk.qcow2"), tmp_path / "x.raw", url_refresh=broken)
     with pytest.raises(TypeError):
         vdisk.open(server.url("disk.qcow2"), url_refresh="not callable")  # type: ignore[arg-type]
+
+
+def test_ctrl_c_ends_a_retry_wait(tmp_path: Path) -> None:
+    """Every data request after the open is answered 503 with Retry-After: 100: convert waits to
+    retry, and Ctrl-C must stop it within seconds, not after the server's 100 s."""
+    import os
+    import signal
+    import threading
+    import time
+
+    (tmp_path / "disk.raw").write_bytes(b"\x07" * (8 * MiB))
+    server = Server(tmp_path)
+    sent: list[float] = []
+
+    def interrupt() -> None:
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Timer(2.0, interrupt)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            vdisk.convert(
+                server.url("_fault/status=503,retry-after=100,after=1/disk.raw"),
+                tmp_path / "out.raw",
+                format="raw",
+                http_retries=5,
+            )
+        assert sent, "convert ended before the interrupt"
+        assert time.monotonic() - sent[0] < 10
+    finally:
+        timer.cancel()
+        server.stop()
