@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,16 @@ def loop_device(tmp_path: Path) -> Iterator[Any]:
             pytest.skip(f"SKIP: cannot attach a loop device here: {run.stderr.strip()}")
         dev = run.stdout.strip()
         devices.append(dev)
-        return dev
+        # A loop device just attached (above all one reused right after a detach) can report a
+        # capacity of 0 for a moment; a test reading it then would see an empty disk.
+        deadline = time.monotonic() + 10
+        while True:
+            with open(dev, "rb") as f:
+                got = f.seek(0, os.SEEK_END)
+            if got == size - size % 512:  # a loop device holds whole sectors
+                return dev
+            assert time.monotonic() < deadline, f"{dev} reports {got} bytes, not {size - size % 512}, 10 s after losetup"
+            time.sleep(0.05)
 
     yield attach
     for dev in devices:
