@@ -284,7 +284,7 @@ impl Sink {
     }
 }
 
-fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
+pub(crate) fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }

@@ -15,6 +15,10 @@
 //!
 //! `from_pairs` rejects an unknown key or a bad value with [`option_error`], naming the key.
 
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use crate::error::{Error, Result};
 
 /// A writer of one output format, fed by the copy engine.
@@ -117,6 +121,48 @@ pub(crate) fn parse_bool(key: &str, value: &str) -> Result<bool> {
         "off" | "false" | "no" => Ok(false),
         _ => Err(option_error(format!("invalid value {value:?} for option {key} (on or off)"))),
     }
+}
+
+/// A writer's lock on shared state; a thread that panicked while holding it has already failed the
+/// export, so the data is used as it is.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Check that the output of a `format` writer is a regular file and empty it, so that space never
+/// written reads as zero.
+pub(crate) fn prepare_output(file: &File, format: &str) -> Result<()> {
+    let meta = file.metadata().map_err(|e| Error::io("reading the output file's metadata", e))?;
+    if !meta.is_file() {
+        return Err(Error::target(format!("a {format} is written to a regular file, not to a device or a pipe")));
+    }
+    if meta.len() > 0 {
+        file.set_len(0).map_err(|e| Error::io("emptying the output file", e))?;
+    }
+    Ok(())
+}
+
+/// Allocate `len` bytes of the `format` output `file` so it is not sparse: true when done, false
+/// when the file system cannot (the writer then writes every byte, zeros included).
+/// `fallocate(2)` directly, not `posix_fallocate`, whose fallback writes a byte into every block.
+pub(crate) fn allocate_file(file: &File, len: u64, format: &str) -> Result<bool> {
+    let len = i64::try_from(len).map_err(|_| Error::target(format!("a file of {len} bytes is too large")))?;
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`,
+    // which outlives the call.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+        return Ok(true);
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Ok(false),
+        _ => Err(Error::io(format!("cannot allocate the {len} bytes of the fixed {format}"), err)),
+    }
+}
+
+/// Write `len` zero bytes at `offset` of the `format` output `file` (the copy sink's zero writer).
+pub(crate) fn write_zeros(file: &File, offset: u64, len: u64, format: &str) -> Result<()> {
+    super::sink::write_zeros(file, offset, len)
+        .map_err(|e| Error::io(format!("writing {len} zero bytes into the {format} at {offset:#x}"), e))
 }
 
 #[cfg(test)]

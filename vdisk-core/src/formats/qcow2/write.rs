@@ -13,13 +13,13 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use flate2::{Compress, FlushCompress, Status};
 use structured_zstd::encoding::{CompressionLevel, FrameCompressor};
 
 use crate::copy::is_zero;
-use crate::copy::writer::{option_error, parse_bool, parse_size, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{lock, option_error, parse_bool, parse_size, Allocated, FormatWriter, Measure};
 use crate::error::{Error, Result};
 
 /// `QFI\xfb`.
@@ -383,10 +383,6 @@ struct Tables {
     delivered: Vec<u64>,
     /// Where each written table is (0: not written, or not needed).
     l1: Vec<u64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Qcow2Writer {

@@ -49,7 +49,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use zerocopy::big_endian::{U16, U32, U64};
@@ -60,7 +59,9 @@ use super::dynamic::{
 };
 use super::footer::{checksum, Geometry, RawFooter, FOOTER_CHECKSUM_FIELD, FOOTER_MAGIC, FOOTER_SIZE};
 use crate::copy::is_zero;
-use crate::copy::writer::{option_error, parse_bool, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{
+    allocate_file, option_error, parse_bool, prepare_output, write_zeros, Allocated, FormatWriter, Measure,
+};
 use crate::error::{Error, Result};
 
 /// Block size of a dynamic disk: what Hyper-V, Virtual PC and qemu-img write.
@@ -232,12 +233,12 @@ fn create_with(
     preallocate: bool,
 ) -> Result<Box<dyn FormatWriter>> {
     let size = disk_size(virtual_size, options.subformat)?;
-    prepare(&file)?;
+    prepare_output(&file, "VHD")?;
     let footer = footer_bytes(size, options.subformat, now_vhd(), random_id());
     let kind = match options.subformat {
         Subformat::Fixed => {
             let len = size + FOOTER_SIZE;
-            let allocated = preallocate && allocate(&file, len)?;
+            let allocated = preallocate && allocate_file(&file, len, "VHD")?;
             if !allocated {
                 file.set_len(len).map_err(|e| Error::io("setting the length of the fixed VHD", e))?;
             }
@@ -250,36 +251,6 @@ fn create_with(
         }
     };
     Ok(Box::new(VhdWriter { file, size, footer, kind }))
-}
-
-/// Check that the output is a regular file and empty it, so that space never written reads
-/// as zero.
-fn prepare(file: &File) -> Result<()> {
-    let meta = file.metadata().map_err(|e| Error::io("reading the output file's metadata", e))?;
-    if !meta.is_file() {
-        return Err(Error::target("a VHD is written to a regular file, not to a device or a pipe"));
-    }
-    if meta.len() > 0 {
-        file.set_len(0).map_err(|e| Error::io("emptying the output file", e))?;
-    }
-    Ok(())
-}
-
-/// Allocate `len` bytes of `file` so the output is not sparse: true when done, false when the
-/// file system cannot (the writer then writes every byte, zeros included). `fallocate(2)`
-/// directly, not `posix_fallocate`, whose fallback writes a byte into every block.
-fn allocate(file: &File, len: u64) -> Result<bool> {
-    let len = i64::try_from(len).map_err(|_| Error::target(format!("a file of {len} bytes is too large")))?;
-    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`,
-    // which outlives the call.
-    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
-        return Ok(true);
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) => Ok(false),
-        _ => Err(Error::io(format!("cannot allocate the {len} bytes of the fixed VHD"), err)),
-    }
 }
 
 /// The writer of one VHD.
@@ -425,7 +396,7 @@ impl FormatWriter for VhdWriter {
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         if matches!(self.kind, Kind::Fixed { dense: true }) {
-            write_zeros(&self.file, offset, len)?;
+            write_zeros(&self.file, offset, len, "VHD")?;
         }
         Ok(())
     }
@@ -457,20 +428,6 @@ impl FormatWriter for VhdWriter {
         self.file.sync_all().map_err(|e| Error::io("syncing the VHD", e))?;
         Ok(len)
     }
-}
-
-/// Write `len` zero bytes at `offset`, a MiB at a time.
-fn write_zeros(file: &File, offset: u64, len: u64) -> Result<()> {
-    let zeros = vec![0u8; usize::try_from(len.min(1 << 20)).unwrap_or(1 << 20)];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64);
-        let at = offset + done;
-        file.write_all_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)
-            .map_err(|e| Error::io(format!("writing zeros into the VHD at {at:#x}"), e))?;
-        done += n;
-    }
-    Ok(())
 }
 
 /// The CHS geometry the VHD specification assigns to a disk of `size` bytes (its appendix

@@ -52,7 +52,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use zerocopy::little_endian::{U16, U32, U64};
@@ -77,7 +76,9 @@ use super::region::{
 };
 use super::MIB;
 use crate::copy::is_zero;
-use crate::copy::writer::{option_error, parse_bool, parse_size, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{
+    allocate_file, option_error, parse_bool, parse_size, prepare_output, write_zeros, Allocated, FormatWriter, Measure,
+};
 use crate::error::{Error, Result};
 
 /// Hyper-V's payload block size, the default.
@@ -294,7 +295,7 @@ fn create_with(
     preallocate: bool,
 ) -> Result<Box<dyn FormatWriter>> {
     let layout = Layout::new(virtual_size, options)?;
-    prepare(&file)?;
+    prepare_output(&file, "VHDX")?;
     let blocks = usize::try_from(layout.blocks)
         .map_err(|_| Error::limit(format!("{} VHDX blocks do not fit in memory", layout.blocks)))?;
     let mut bat = Vec::new();
@@ -304,60 +305,16 @@ fn create_with(
     let mut dense = false;
     if options.subformat == Subformat::Fixed {
         let len = layout.file_len(layout.blocks);
-        if !(preallocate && allocate(&file, len)?) {
+        if !(preallocate && allocate_file(&file, len, "VHDX")?) {
             // Write what the engine will not: the metadata area and the tail of the last block.
             dense = true;
             file.set_len(len).map_err(|e| Error::io("setting the length of the fixed VHDX", e))?;
-            write_zeros(&file, 0, layout.data_offset)?;
+            write_zeros(&file, 0, layout.data_offset, "VHDX")?;
             let end = layout.data_offset + layout.size;
-            write_zeros(&file, end, len - end)?;
+            write_zeros(&file, end, len - end, "VHDX")?;
         }
     }
     Ok(Box::new(VhdxWriter { file, layout, options: options.clone(), bat, slots: AtomicU64::new(0), dense }))
-}
-
-/// Check that the output is a regular file and empty it, so that space never written reads
-/// as zero.
-fn prepare(file: &File) -> Result<()> {
-    let meta = file.metadata().map_err(|e| Error::io("reading the output file's metadata", e))?;
-    if !meta.is_file() {
-        return Err(Error::target("a VHDX is written to a regular file, not to a device or a pipe"));
-    }
-    if meta.len() > 0 {
-        file.set_len(0).map_err(|e| Error::io("emptying the output file", e))?;
-    }
-    Ok(())
-}
-
-/// Allocate `len` bytes of `file` so the output is not sparse: true when done, false when the
-/// file system cannot (the writer then writes every byte, zeros included). `fallocate(2)`
-/// directly, not `posix_fallocate`, whose fallback writes a byte into every block.
-fn allocate(file: &File, len: u64) -> Result<bool> {
-    let len = i64::try_from(len).map_err(|_| Error::target(format!("a file of {len} bytes is too large")))?;
-    // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by `file`,
-    // which outlives the call.
-    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
-        return Ok(true);
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) => Ok(false),
-        _ => Err(Error::io(format!("cannot allocate the {len} bytes of the fixed VHDX"), err)),
-    }
-}
-
-/// Write `len` zero bytes at `offset`, a MiB at a time.
-fn write_zeros(file: &File, offset: u64, len: u64) -> Result<()> {
-    let zeros = vec![0u8; usize::try_from(len.min(MIB)).unwrap_or(0)];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64);
-        let at = offset + done;
-        file.write_all_at(&zeros[..usize::try_from(n).unwrap_or(0)], at)
-            .map_err(|e| Error::io(format!("writing zeros into the VHDX at {at:#x}"), e))?;
-        done += n;
-    }
-    Ok(())
 }
 
 /// The writer of one VHDX.
@@ -506,7 +463,7 @@ impl FormatWriter for VhdxWriter {
     fn zero(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         if self.dense {
-            write_zeros(&self.file, self.layout.data_offset + offset, len)?;
+            write_zeros(&self.file, self.layout.data_offset + offset, len, "VHDX")?;
         }
         Ok(())
     }

@@ -30,7 +30,7 @@ use super::header::{
     FLAG_MARKERS, FLAG_REDUNDANT_GD, GD_AT_END, KDMV_MAGIC, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
 };
 use crate::copy::is_zero;
-use crate::copy::writer::{option_error, parse_bool, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{lock, option_error, parse_bool, Allocated, FormatWriter, Measure};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Grain size in sectors (64 KiB): what VMware, qemu and open-vmdk write.
@@ -357,10 +357,6 @@ fn marker(sectors: u64, kind: u32) -> [u8; 512] {
     m[0..8].copy_from_slice(&sectors.to_le_bytes());
     m[12..16].copy_from_slice(&kind.to_le_bytes());
     m
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn io_err(at: u64, e: std::io::Error) -> Error {
