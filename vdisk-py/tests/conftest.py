@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -107,6 +108,18 @@ def pattern(n: int, seed: int) -> bytes:
     """`n` bytes that are not zero and differ from block to block."""
     block = bytes((seed + i * 7) % 251 + 1 for i in range(4096))
     return (block * (n // 4096 + 1))[:n]
+
+
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt during the test, however pytest was started: a shell runs a
+    background job (`cmd &`) with SIGINT ignored, and Python then installs no handler of its own,
+    so a test that sends itself SIGINT would see it ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 @pytest.fixture

@@ -240,7 +240,7 @@ def test_image_used_after_fork(kind: str, tmp_path: Path, raw_image: Path) -> No
 # --- Ctrl-C ------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_cancels_convert_within_a_second(tmp_path: Path, loop_device: Any) -> None:
+def test_ctrl_c_cancels_convert_within_a_second(tmp_path: Path, loop_device: Any, sigint_raises: None) -> None:
     # Only with a source that surely outlasts the signal: a SIGINT that arrived after convert
     # returned would interrupt whatever runs next.
     src = loop_device(64 * GiB, read_only=True, name="slow.img")
@@ -269,7 +269,7 @@ def test_ctrl_c_cancels_convert_within_a_second(tmp_path: Path, loop_device: Any
     assert all(t <= caught for t, _, _ in calls)
 
 
-def test_ctrl_c_without_progress_callback(tmp_path: Path, loop_device: Any) -> None:
+def test_ctrl_c_without_progress_callback(tmp_path: Path, loop_device: Any, sigint_raises: None) -> None:
     """Signals are checked even when the caller passed no progress callback."""
     src = loop_device(64 * GiB, read_only=True, name="slow.img")
     sent: list[float] = []

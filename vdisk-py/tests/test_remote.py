@@ -155,7 +155,7 @@ def test_url_refresh_replaces_an_expired_url(served: tuple[Server, Path], tmp_pa
         vdisk.open(server.url("disk.qcow2"), url_refresh="not callable")  # type: ignore[arg-type]
 
 
-def test_ctrl_c_ends_a_retry_wait(tmp_path: Path) -> None:
+def test_ctrl_c_ends_a_retry_wait(tmp_path: Path, sigint_raises: None) -> None:
     """Every data request after the open is answered 503 with Retry-After: 100: convert waits to
     retry, and Ctrl-C must stop it within seconds, not after the server's 100 s."""
     import os
