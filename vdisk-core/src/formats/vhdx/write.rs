@@ -34,7 +34,8 @@
 //!
 //! A dynamic disk allocates a block at the end of the file when its first non-zero data arrives
 //! (an atomic bump pointer: blocks land in arrival order and threads never wait for one
-//! another); blocks with no non-zero byte stay unallocated. A fixed disk has every block at its
+//! another); blocks with no non-zero byte stay unallocated, and zero runs (64 KiB granules)
+//! inside an allocated block are not written: the new file reads as zero there. A fixed disk has every block at its
 //! own place, FULLY_PRESENT, the file parameters' LeaveBlocksAllocated flag set, and the whole
 //! file allocated with `fallocate` when the writer is created (so all-zero data need not be
 //! written, and the file is not sparse as qemu-img's is); where the file system cannot
@@ -448,10 +449,10 @@ impl FormatWriter for VhdxWriter {
             let (piece, tail) = rest.split_at(n);
             if !is_zero(piece) {
                 let at = self.block(pos / l.block_size)? + in_block;
-                match self.options.subformat {
-                    Subformat::Fixed if self.dense => {}
-                    Subformat::Fixed => self.write_nonzero(piece, at)?,
-                    Subformat::Dynamic => self.write_at(piece, at)?,
+                // A new block's space in the new file reads as zero until written, so zero runs
+                // inside it are left out (as they are in a preallocated fixed disk).
+                if !self.dense {
+                    self.write_nonzero(piece, at)?;
                 }
             }
             pos += n as u64;
