@@ -50,10 +50,12 @@ const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const COMPRESSION_TYPE_ZSTD: u8 = 1;
 /// qemu's largest L1 table (`QCOW_MAX_L1_SIZE`, 32 MiB): a bigger disk needs larger clusters.
 const MAX_L1_BYTES: u64 = 32 << 20;
-/// zstd level for compressed clusters. qemu uses libzstd's default, 3; the pure-Rust encoder at
-/// level 3 needs about 1.5 times libzstd's CPU, at level 2 a little less than libzstd at 3, for
-/// output 1.4 % larger (measured on an ext4 image of real files: benches/RESULTS.md).
-const ZSTD_LEVEL: i32 = 2;
+/// zstd level for compressed clusters. qemu uses libzstd's default, 3. The pure-Rust encoder's
+/// levels are not libzstd's: at 3 it needs about 1.5 times libzstd's CPU; at 2 it takes 0.61 of
+/// qemu-img's time for output 1.5 % larger, at 1 0.53 of the time for output 4 % larger (release
+/// build, ext4 image of real files, 64 KiB clusters: benches/RESULTS.md). Level 1 is the one that
+/// keeps both of issue 13's bounds (at most 0.6 of the time, at most 5 % larger).
+const ZSTD_LEVEL: i32 = 1;
 /// qemu inflates compressed clusters with a 4 KiB window (`windowBits = -12`), so they must be
 /// deflated with no larger window.
 const DEFLATE_WINDOW_BITS: u8 = 12;
