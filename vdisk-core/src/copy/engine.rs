@@ -98,6 +98,7 @@ impl Worker<'_> {
                 }
                 if !skipped {
                     work_bytes = self.write(start)?;
+                    self.sink.written(self.counters.written.load(Relaxed));
                 }
                 ItemContent::Data(self.buf.get())
             }

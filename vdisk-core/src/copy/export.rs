@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::engine::{Counters, Reporting};
 use super::plan::{WorkItem, MAX_ZERO_ITEM};
+use super::sink::Writeback;
 use super::writer::{option_error, FormatWriter, Measure};
 use super::{ConvertReport, TargetKind, DEFAULT_ITEM_SIZE, DEFAULT_PROGRESS_INTERVAL, MAX_THREADS};
 use crate::decompress::ReadScratch;
@@ -447,12 +448,15 @@ pub fn export(image: &Image, target: impl AsRef<Path>, options: &ExportOptions<'
     }
     let (temp, file) = create_temp(&dir, &name)?;
     let guard = TempGuard(Some(temp.clone()));
+    // A second handle on the output, for starting writeback while the export runs: the output
+    // is synced before the rename, and the sync then waits only for the last items.
+    let early = file.try_clone().ok();
     let writer = writer_options.create(file, size)?;
     let threads = options.threads.unwrap_or_else(|| image.default_threads()).clamp(1, MAX_THREADS);
     let counters = Counters::default();
     let reporting =
         Reporting { progress: options.progress, cancel: options.cancel, interval: options.progress_interval };
-    execute(image, size, writer.as_ref(), threads, &counters, &reporting)?;
+    execute(image, size, writer.as_ref(), threads, &counters, &reporting, early.as_ref())?;
     let length = writer.finish()?;
     let data_name = data_file_name(&name);
     match writer.descriptor(&data_name) {
@@ -692,6 +696,7 @@ fn execute(
     threads: usize,
     counters: &Counters,
     reporting: &Reporting<'_>,
+    output: Option<&File>,
 ) -> Result<()> {
     let align = writer.alignment();
     if !align.is_power_of_two() || align < 512 {
@@ -712,6 +717,14 @@ fn execute(
     // Workers pull items one at a time from the planner under a lock, so items are handed out
     // in ascending order (what an ordered writer needs) and each worker holds at most one.
     let items = Mutex::new(AlignedPlanner::new(image.extents(), total, item));
+    let writeback = Writeback::default();
+    // An uncompressed writer's work is its pwrite, and the kernel lets one buffered write into a
+    // file proceed at a time (ext4 takes the inode lock for each): waiting for that turn here
+    // puts the other threads to sleep instead of spinning on the kernel lock, which on two
+    // cores cost up to 1 s of CPU per 0.5 GiB and made the export 2-4 times slower in some runs
+    // (benches/RESULTS.md, "Export"). A compressing writer runs unserialised, and so does an
+    // ordered one (a thread waiting in `write` for an earlier item must not hold the turn).
+    let turn = (!writer.compresses() && !writer.ordered()).then(|| Mutex::new(()));
     let worker = || {
         let mut buf = Vec::new();
         let mut scratch = ReadScratch::default();
@@ -724,9 +737,14 @@ fn execute(
             }
             let next = items.lock().unwrap_or_else(std::sync::PoisonError::into_inner).next();
             let Some(next) = next else { break };
-            if let Err(e) = next.and_then(|item| run_item(image, writer, item, &mut buf, &mut scratch, counters)) {
+            if let Err(e) =
+                next.and_then(|item| run_item(image, writer, turn.as_ref(), item, &mut buf, &mut scratch, counters))
+            {
                 fail(e);
                 break;
+            }
+            if let Some(file) = output {
+                writeback.poll(file, counters.written.load(Relaxed));
             }
         }
     };
@@ -796,6 +814,7 @@ fn execute(
 fn run_item(
     image: &Image,
     writer: &dyn FormatWriter,
+    turn: Option<&Mutex<()>>,
     item: WorkItem,
     buf: &mut Vec<u8>,
     scratch: &mut ReadScratch,
@@ -808,14 +827,26 @@ fn run_item(
         }
         WorkItem::Data { start, len, pieces } => {
             let n = usize::try_from(len).map_err(|_| Error::invalid("work item too large"))?;
-            buf.clear();
+            // Every byte is written below: the pieces are read in place and only what they do
+            // not cover (past the image's end) is zeroed, so the buffer is never cleared first.
             buf.resize(n, 0);
+            let mut covered = 0;
             for piece in &pieces {
-                let from = usize::try_from(piece.start - start).unwrap_or(0);
-                let to = usize::try_from(piece.end() - start).unwrap_or(n);
+                let from = usize::try_from(piece.start - start).unwrap_or(0).min(n);
+                let to = usize::try_from(piece.end() - start).unwrap_or(n).clamp(from, n);
+                buf[covered.min(from)..from].fill(0);
                 image.read_extent(piece, &mut buf[from..to], scratch)?;
+                covered = covered.max(to);
             }
-            writer.write(start, buf)?;
+            buf[covered..].fill(0);
+            match turn {
+                // One pwrite into the output at a time (see `execute`).
+                Some(turn) => {
+                    let _turn = super::writer::lock(turn);
+                    writer.write(start, buf)?;
+                }
+                None => writer.write(start, buf)?,
+            }
             counters.written.fetch_add(len, Relaxed);
             counters.done.fetch_add(len, Relaxed);
         }

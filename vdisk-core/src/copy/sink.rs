@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::error::{Error, Result};
 
@@ -87,6 +88,8 @@ pub(crate) struct Sink {
     can_punch: std::sync::atomic::AtomicBool,
     /// `BLKZEROOUT` works on this device (cleared after the first refusal).
     can_zeroout: std::sync::atomic::AtomicBool,
+    /// Starts writeback of a block device as the copy goes.
+    writeback: Writeback,
 }
 
 /// Open `path` as the target for `size` bytes, refusing it when it is one of `sources`
@@ -168,7 +171,15 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 
 impl Sink {
     fn new(file: Option<File>, kind: TargetKind, zero_needed: bool) -> Self {
-        Sink { file, direct: None, kind, zero_needed, can_punch: true.into(), can_zeroout: true.into() }
+        Sink {
+            file,
+            direct: None,
+            kind,
+            zero_needed,
+            can_punch: true.into(),
+            can_zeroout: true.into(),
+            writeback: Writeback::default(),
+        }
     }
 
     /// Open the `O_DIRECT` descriptor when asked to.
@@ -210,7 +221,6 @@ impl Sink {
 
     /// Make `offset..offset + len` read as zero.
     pub(crate) fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        use std::sync::atomic::Ordering::Relaxed;
         let Some(file) = &self.file else { return Ok(()) };
         if len == 0 {
             return Ok(());
@@ -255,6 +265,15 @@ impl Sink {
         write_zeros(file, offset, len)
     }
 
+    /// `written` bytes have been written so far: start writing them to the device now and then.
+    /// Only a device is synced at the end (`finish`); a file is left to the page cache, as
+    /// qemu-img leaves it, and writing it out early would only add disk traffic.
+    pub(crate) fn written(&self, written: u64) {
+        if let (Some(file), TargetKind::BlockDevice) = (&self.file, self.kind) {
+            self.writeback.poll(file, written);
+        }
+    }
+
     /// Make everything written so far durable (`fdatasync`), whatever the kind of target: a
     /// resume journal records work only after this returns.
     pub(crate) fn sync_data(&self) -> io::Result<()> {
@@ -280,6 +299,36 @@ impl Sink {
             // Direct writes bypassed the cache but may have allocated blocks: make it durable too.
             (Some(f), _) if self.direct.is_some() => f.sync_all(),
             _ => Ok(()),
+        }
+    }
+}
+
+/// Starts the kernel writing a file's dirty pages to disk every [`WRITEBACK_STEP`] bytes written
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait for the disk), so the disk
+/// writes while the copy reads, decompresses or compresses, and the final sync waits only for
+/// the tail instead of for everything.
+#[derive(Debug, Default)]
+pub(crate) struct Writeback {
+    /// Bytes written when writeback was last started.
+    last: AtomicU64,
+}
+
+/// Bytes written between two starts of writeback.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
+impl Writeback {
+    /// `written` bytes have been written to `file` so far (by every thread together).
+    pub(crate) fn poll(&self, file: &File, written: u64) {
+        let last = self.last.load(Relaxed);
+        if written < last.saturating_add(WRITEBACK_STEP)
+            || self.last.compare_exchange(last, written, Relaxed, Relaxed).is_err()
+        {
+            return;
+        }
+        // SAFETY: a system call on an open descriptor, with no memory passed. A failure (a file
+        // system that does not support it) only means writeback starts at the final sync.
+        unsafe {
+            libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
         }
     }
 }

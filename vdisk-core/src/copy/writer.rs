@@ -46,6 +46,12 @@ pub(crate) trait FormatWriter: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// `write` compresses (CPU-bound); otherwise it is mostly the `pwrite` of `data`, and the
+    /// export runs one `write` at a time.
+    fn compresses(&self) -> bool {
+        false
+    }
+
     /// Store `data`, the guest content at `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> Result<()>;
 

@@ -570,6 +570,10 @@ impl FormatWriter for Qcow2Writer {
         self.geometry.cluster_size()
     }
 
+    fn compresses(&self) -> bool {
+        self.options.compress
+    }
+
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         if self.options.compress {
             self.write_compressed(offset, data)?;

@@ -598,6 +598,10 @@ impl FormatWriter for StreamWriter {
         true
     }
 
+    fn compresses(&self) -> bool {
+        true
+    }
+
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let compressed = self.compress(offset, data);
         let mut state = self.wait_turn(offset)?;
