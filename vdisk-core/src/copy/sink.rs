@@ -214,7 +214,7 @@ impl Sink {
             {
                 d.write_all_at(buf, offset)
             }
-            (_, Some(f)) => f.write_all_at(buf, offset),
+            (_, Some(f)) => write_all_at(f, buf, offset),
             _ => Ok(()),
         }
     }
@@ -331,6 +331,24 @@ impl Writeback {
             libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
         }
     }
+}
+
+/// Most bytes one buffered `pwrite` carries. The kernel sizes the page-cache folios it allocates
+/// for a write by the write's length: a 4 MiB write takes 2 MiB folios, which the page allocator
+/// serves from its highest-order free blocks. On a VM whose balloon reports free memory to the
+/// host (free page reporting hands back blocks of 2 MiB and up), those are the blocks the host has
+/// reclaimed, and touching them costs a host fault per page: writes of 4 MiB then took 0.25-0.68 s
+/// for 0.5 GiB where writes of 1 MiB took 0.23-0.31 s (eight runs each, after a run of another
+/// program; benches/RESULTS.md, "Export"). Below 2 MiB the folios come from the smaller, recently
+/// used free blocks.
+const WRITE_PIECE: usize = 1 << 20;
+
+/// `write_all_at` in pieces of at most [`WRITE_PIECE`] bytes.
+pub(crate) fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    for (i, piece) in buf.chunks(WRITE_PIECE).enumerate() {
+        file.write_all_at(piece, offset + (i * WRITE_PIECE) as u64)?;
+    }
+    Ok(())
 }
 
 pub(crate) fn write_zeros(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {

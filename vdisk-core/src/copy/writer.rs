@@ -165,6 +165,8 @@ pub(crate) fn allocate_file(file: &File, len: u64, format: &str) -> Result<bool>
     }
 }
 
+pub(crate) use super::sink::write_all_at;
+
 /// Write `len` zero bytes at `offset` of the `format` output `file` (the copy sink's zero writer).
 pub(crate) fn write_zeros(file: &File, offset: u64, len: u64, format: &str) -> Result<()> {
     super::sink::write_zeros(file, offset, len)

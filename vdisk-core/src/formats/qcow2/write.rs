@@ -19,7 +19,7 @@ use flate2::{Compress, FlushCompress, Status};
 use structured_zstd::encoding::{CompressionLevel, FrameCompressor};
 
 use crate::copy::is_zero;
-use crate::copy::writer::{lock, option_error, parse_bool, parse_size, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{lock, option_error, parse_bool, parse_size, write_all_at, Allocated, FormatWriter, Measure};
 use crate::error::{Error, Result};
 
 /// `QFI\xfb`.
@@ -427,7 +427,7 @@ impl Qcow2Writer {
             let host = lock(&self.alloc).clusters(count, bits)?;
             let from = i * cs;
             let to = (j * cs).min(data.len());
-            self.file.write_all_at(&data[from..to], host).map_err(|e| self.write_err(host, e))?;
+            write_all_at(&self.file, &data[from..to], host).map_err(|e| self.write_err(host, e))?;
             let mut tables = lock(&self.l2);
             for k in 0..count {
                 let guest = (offset >> bits) + i as u64 + k;

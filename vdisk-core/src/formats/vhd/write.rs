@@ -60,7 +60,8 @@ use super::dynamic::{
 use super::footer::{checksum, Geometry, RawFooter, FOOTER_CHECKSUM_FIELD, FOOTER_MAGIC, FOOTER_SIZE};
 use crate::copy::is_zero;
 use crate::copy::writer::{
-    allocate_file, option_error, parse_bool, prepare_output, write_zeros, Allocated, FormatWriter, Measure,
+    allocate_file, option_error, parse_bool, prepare_output, write_all_at, write_zeros, Allocated, FormatWriter,
+    Measure,
 };
 use crate::error::{Error, Result};
 
@@ -340,7 +341,7 @@ impl VhdWriter {
     }
 
     fn write_at(&self, data: &[u8], at: u64) -> Result<()> {
-        self.file.write_all_at(data, at).map_err(|e| Error::io(format!("writing the VHD at {at:#x}"), e))
+        write_all_at(&self.file, data, at).map_err(|e| Error::io(format!("writing the VHD at {at:#x}"), e))
     }
 }
 

@@ -52,7 +52,6 @@
 //! arithmetic wants a BAT region of hundreds of MiB for an empty disk).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use zerocopy::little_endian::{U16, U32, U64};
@@ -78,7 +77,8 @@ use super::region::{
 use super::MIB;
 use crate::copy::is_zero;
 use crate::copy::writer::{
-    allocate_file, option_error, parse_bool, parse_size, prepare_output, write_zeros, Allocated, FormatWriter, Measure,
+    allocate_file, option_error, parse_bool, parse_size, prepare_output, write_all_at, write_zeros, Allocated,
+    FormatWriter, Measure,
 };
 use crate::error::{Error, Result};
 
@@ -376,7 +376,7 @@ impl VhdxWriter {
     }
 
     fn write_at(&self, data: &[u8], at: u64) -> Result<()> {
-        self.file.write_all_at(data, at).map_err(|e| Error::io(format!("writing the VHDX at {at:#x}"), e))
+        write_all_at(&self.file, data, at).map_err(|e| Error::io(format!("writing the VHDX at {at:#x}"), e))
     }
 
     /// Write `data` at file offset `at`, skipping all-zero runs (the space reads as zero).

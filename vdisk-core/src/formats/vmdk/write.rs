@@ -30,7 +30,7 @@ use super::header::{
     FLAG_MARKERS, FLAG_REDUNDANT_GD, GD_AT_END, KDMV_MAGIC, MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
 };
 use crate::copy::is_zero;
-use crate::copy::writer::{lock, option_error, parse_bool, Allocated, FormatWriter, Measure};
+use crate::copy::writer::{lock, option_error, parse_bool, write_all_at, Allocated, FormatWriter, Measure};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Grain size in sectors (64 KiB): what VMware, qemu and open-vmdk write.
@@ -713,7 +713,7 @@ impl FormatWriter for SparseWriter {
             let from = i * grain;
             let to = (j * grain).min(data.len());
             let at = sector * SECTOR;
-            self.file.write_all_at(&data[from..to], at).map_err(|e| io_err(at, e))?;
+            write_all_at(&self.file, &data[from..to], at).map_err(|e| io_err(at, e))?;
             // The grains' entries, consecutive in both copies of the tables (the file is new, so
             // every entry not written reads as 0, unallocated): no table is held in memory.
             let mut entries = Vec::with_capacity(usize::try_from(count * 4).unwrap_or(0));
