@@ -13,6 +13,7 @@ use crate::formats::vhdx::bat::BlockState;
 use crate::image::{Image, OpenOptions};
 use crate::io::ReadAt;
 use crate::limits::MetadataBudget;
+use std::os::unix::fs::FileExt;
 
 /// A deterministic generator (splitmix64).
 struct Rng(u64);
