@@ -35,11 +35,11 @@
 //! A dynamic disk allocates a block at the end of the file when its first non-zero data arrives
 //! (an atomic bump pointer: blocks land in arrival order and threads never wait for one
 //! another); blocks with no non-zero byte stay unallocated, and zero runs (64 KiB granules)
-//! inside an allocated block are not written: the new file reads as zero there. A fixed disk has every block at its
-//! own place, FULLY_PRESENT, the file parameters' LeaveBlocksAllocated flag set, and the whole
-//! file allocated with `fallocate` when the writer is created (so all-zero data need not be
-//! written, and the file is not sparse as qemu-img's is); where the file system cannot
-//! preallocate, every byte is written, zeros included. The BAT, metadata, region tables,
+//! inside an allocated block are not written: the new file reads as zero there. A fixed disk has
+//! every block at its own place, FULLY_PRESENT, the file parameters' LeaveBlocksAllocated flag
+//! set, and the whole file allocated with `fallocate` when the writer is created (so all-zero
+//! data need not be written, and the file is not sparse as qemu-img's is); where the file system
+//! cannot preallocate, every byte is written, zeros included. The BAT, metadata, region tables,
 //! headers and file identifier are written by `finish`.
 //!
 //! # Measure

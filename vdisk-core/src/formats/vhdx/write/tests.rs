@@ -2,7 +2,7 @@
 //! threads), then checked by qemu-img and read back by vdisk's reader and by qemu-img.
 #![allow(clippy::unwrap_used)]
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::AtomicUsize;
@@ -13,7 +13,6 @@ use crate::formats::vhdx::bat::BlockState;
 use crate::image::{Image, OpenOptions};
 use crate::io::ReadAt;
 use crate::limits::MetadataBudget;
-use std::os::unix::fs::FileExt;
 
 /// A deterministic generator (splitmix64).
 struct Rng(u64);
